@@ -1,0 +1,78 @@
+# sdnode: every target sets up what it needs. INVENTORY= points the fleet targets at an inventory.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+VENV        ?= .venv
+BIN         := $(VENV)/bin
+PYTHON      ?= python3
+INVENTORY   ?= inventory
+PLAYBOOK_ARGS ?=
+
+export SDNODE_STATE_DIR ?= $(CURDIR)/.sdnode
+export ANSIBLE_CONFIG   := $(CURDIR)/ansible.cfg
+# Caches that outlive a clone; a fresh machine simply fills them.
+export PIP_CACHE_DIR    ?= /var/cache/sdnode/pip
+
+CONTROLLER_LOCKS := service/requirements/cpu-py311.txt ansible/requirements.txt
+SETUP_STAMP      := $(VENV)/.sdnode-setup
+
+.PHONY: help setup host-setup lint test test-fast unit integration demo demo-clean deploy smoke verify rollback lock
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
+
+setup: $(SETUP_STAMP) ## controller venv from the pinned, hash-checked locks
+
+$(SETUP_STAMP): $(CONTROLLER_LOCKS) service/pyproject.toml scripts/pyproject.toml
+	@echo "==> setup: controller virtualenv in $(VENV)"
+	@mkdir -p $(PIP_CACHE_DIR) 2>/dev/null || true
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --require-hashes $(addprefix -r ,$(CONTROLLER_LOCKS))
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e service -e scripts
+	@touch $@
+
+host-setup: setup ## host packages the throwaway nodes need (root)
+	$(BIN)/testnode host-setup
+
+lint: setup ## ansible-lint (production profile), yamllint, ruff
+	@echo "==> lint"
+	$(BIN)/yamllint -s -c ansible/yamllint.yml .
+	$(BIN)/ansible-lint -q -c ansible/ansible-lint.yml playbooks roles
+	$(BIN)/ruff check service scripts tests
+	$(BIN)/ruff format --check service scripts tests
+
+unit: setup ## the service's suite and the controller-side unit tests
+	@echo "==> unit tests"
+	cd service && ../$(BIN)/pytest -q
+	$(BIN)/pytest -q tests/unit
+
+integration: host-setup ## converge, idempotence and verify on throwaway nodes
+	@echo "==> integration suite on throwaway nodes"
+	$(BIN)/testnode gc
+	$(BIN)/pytest -v -m integration tests/integration
+
+test: lint unit integration ## everything CI runs
+
+test-fast: lint unit ## lint and unit tests only (no nodes)
+
+demo: host-setup ## the main job on a local throwaway node, CPU mode, tiny model
+	$(BIN)/python -m sdnode.demo
+
+demo-clean: setup ## remove the demo node
+	$(BIN)/python -m sdnode.demo --clean
+
+deploy: setup ## site.yml against INVENTORY
+	$(BIN)/ansible-playbook -i $(INVENTORY) playbooks/site.yml $(PLAYBOOK_ARGS)
+
+smoke: setup ## one sample generation per instance, images fetched to .sdnode/smoke
+	$(BIN)/ansible-playbook -i $(INVENTORY) playbooks/smoke.yml $(PLAYBOOK_ARGS)
+
+verify: setup ## the testinfra suite against INVENTORY
+	$(BIN)/pytest -p no:cacheprovider -v tests/node --hosts=ansible://sdnodes --ansible-inventory=$(INVENTORY)
+
+rollback: setup ## go back one release on every node of INVENTORY
+	$(BIN)/ansible-playbook -i $(INVENTORY) playbooks/rollback.yml $(PLAYBOOK_ARGS)
+
+lock: setup ## regenerate the pinned, hash-checked locks
+	$(BIN)/python scripts/lock_requirements.py

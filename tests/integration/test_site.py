@@ -1,0 +1,56 @@
+"""site.yml on a fresh Debian 12 node in CPU mode with the tiny model: converge, idempotence, verify."""
+
+import subprocess
+
+import pytest
+from PIL import Image
+
+from .conftest import REPO, STATE, Deployment, ansible_playbook, assert_converged, assert_idempotent, tool
+
+pytestmark = pytest.mark.integration
+
+
+def test_converge_reaches_every_role(deployed: Deployment) -> None:
+    assert_converged(deployed.converge)
+    # The first run on a fresh node must actually do the work, not skip its way to green.
+    assert deployed.converge.changed >= 10, deployed.converge.explain()
+    for role in ("base", "python_env", "model_cache", "sd_service"):
+        assert f"TASK [{role} :" in deployed.converge.output, f"role {role} never ran"
+
+
+def test_second_run_changes_nothing(deployed: Deployment) -> None:
+    assert_idempotent(deployed.idempotence)
+
+
+def test_check_mode_on_converged_node_reports_no_change(deployed: Deployment) -> None:
+    run = ansible_playbook("site.yml", deployed.inventory, check=True, diff=True, label="site-check")
+    assert_idempotent(run)
+
+
+def test_verify_suite_passes_against_the_node(deployed: Deployment) -> None:
+    """`make verify` as the README shows it: the testinfra suite against the inventory."""
+    proc = subprocess.run(
+        ["make", "verify", f"INVENTORY={deployed.inventory}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout, proc.stdout[-3000:]
+
+
+def test_smoke_fetches_a_png_of_the_requested_size(deployed: Deployment) -> None:
+    run = ansible_playbook("smoke.yml", deployed.inventory, label="smoke")
+    assert_converged(run)
+    images = sorted((STATE / "smoke").glob(f"{deployed.node}-*.png"))
+    assert images, f"no smoke image fetched under {STATE / 'smoke'}"
+    with Image.open(images[0]) as img:
+        img.load()
+        assert img.format == "PNG" and img.size[0] >= 64
+
+
+def test_tool_paths_resolve() -> None:
+    # Guards against a venv missing the console scripts the suite drives.
+    for name in ("ansible-playbook", "testnode", "sdserve"):
+        assert subprocess.run([tool(name), "--help"], capture_output=True).returncode == 0, name
