@@ -29,7 +29,7 @@ $(SETUP_STAMP): $(CONTROLLER_LOCKS) service/pyproject.toml scripts/pyproject.tom
 	@mkdir -p $(PIP_CACHE_DIR) 2>/dev/null || true
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --require-hashes $(addprefix -r ,$(CONTROLLER_LOCKS))
-	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e service -e scripts
+	$(BIN)/python -m pip install --quiet --no-deps -e service -e scripts
 	@touch $@
 
 host-setup: setup ## host packages the throwaway nodes need (root)

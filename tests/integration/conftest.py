@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,11 +16,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from sdnode.localinv import build_inventory, venv_tool
 
 REPO = Path(__file__).resolve().parents[2]
 STATE = Path(os.environ.get("SDNODE_STATE_DIR", REPO / ".sdnode"))
-VENV_BIN = Path(sys.executable).parent
-TEST_GROUP_VARS = REPO / "inventory.local" / "group_vars"
+LOCAL_GROUP_VARS = REPO / "inventory.local" / "group_vars"
 LOGS = STATE / "logs"
 
 RECAP = re.compile(
@@ -32,10 +30,7 @@ RECAP = re.compile(
 )
 
 
-def tool(name: str) -> str:
-    """A console script of the controller venv (testnode, ansible-playbook, sdserve, ...)."""
-    path = VENV_BIN / name
-    return str(path) if path.exists() else name
+tool = venv_tool
 
 
 @dataclass
@@ -148,30 +143,8 @@ class TestNodes:
         )
 
     def inventory(self, path: Path, nodes: list[str], host_vars: dict[str, dict] | None = None) -> Path:
-        """An inventory dir holding only `nodes`, with the test group_vars and optional host_vars."""
-        if path.exists():
-            shutil.rmtree(path)
-        path.mkdir(parents=True)
-        full = path / "all-nodes.yml"
-        subprocess.run(
-            [tool("testnode"), "inventory", "--output", str(full)],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
-        data = yaml.safe_load(full.read_text())
-        full.unlink()
-        hosts = data["all"]["children"]["sdnodes"]["hosts"]
-        missing = [n for n in nodes if n not in hosts]
-        assert not missing, f"testnode inventory lacks {missing}"
-        data["all"]["children"]["sdnodes"]["hosts"] = {n: hosts[n] for n in nodes}
-        (path / "hosts.yml").write_text(yaml.safe_dump(data, sort_keys=False))
-        (path / "group_vars").symlink_to(TEST_GROUP_VARS)
-        if host_vars:
-            (path / "host_vars").mkdir()
-            for host, values in host_vars.items():
-                (path / "host_vars" / f"{host}.yml").write_text(yaml.safe_dump(values, sort_keys=False))
-        return path
+        """An inventory dir holding only `nodes`, with the local group_vars and optional host_vars."""
+        return build_inventory(path, nodes, LOCAL_GROUP_VARS, host_vars)
 
     def down_all(self) -> None:
         for name in reversed(self.started):

@@ -1,0 +1,93 @@
+"""`make demo`: the kit's main job on one local throwaway node, CPU mode, tiny model.
+
+Phases: node up -> tiny model -> site.yml -> smoke.yml, each timed and shown as it runs. A second run
+reuses the node (site.yml is idempotent, so it is quick). `--clean` removes the node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sdnode.localinv import build_inventory, venv_tool
+from sdnode.state import find_repo_root, state_dir
+
+NODE = "demo"
+
+
+class Phases:
+    """Prints a banner per phase and keeps its duration for the closing summary."""
+
+    def __init__(self) -> None:
+        self.timings: list[tuple[str, float]] = []
+
+    @contextmanager
+    def phase(self, title: str) -> Iterator[None]:
+        print(f"\n==> [{len(self.timings) + 1}] {title}", flush=True)
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            self.timings.append((title, time.monotonic() - started))
+            print(f"<== {title}: {self.timings[-1][1]:.1f}s", flush=True)
+
+
+def run(argv: list[str], cwd: Path) -> None:
+    proc = subprocess.run(argv, cwd=cwd)
+    if proc.returncode != 0:
+        sys.exit(f"demo: `{' '.join(argv)}` failed with status {proc.returncode}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="sdnode-demo", description=__doc__)
+    parser.add_argument("--clean", action="store_true", help="remove the demo node and its inventory")
+    args = parser.parse_args(argv)
+
+    repo = find_repo_root()
+    if repo is None:
+        sys.exit("demo: run it from the sdnode checkout (make demo)")
+    state = state_dir()
+    inventory_dir = state / "demo" / "inventory"
+    if args.clean:
+        run([venv_tool("testnode"), "down", NODE], repo)
+        print(f"demo node removed; controller state stays in {state}")
+        return
+
+    phases = Phases()
+    with phases.phase(f"throwaway node '{NODE}' (Debian 12, systemd-nspawn)"):
+        run([venv_tool("testnode"), "up", NODE], repo)
+    with phases.phase("tiny random Stable Diffusion model on the controller"):
+        model = state / "models" / "tiny"
+        if (model / "model_index.json").exists():
+            print(f"already built: {model}")
+        else:
+            run([venv_tool("sdserve"), "make-tiny-model", str(model)], repo)
+    inventory = build_inventory(inventory_dir, [NODE], repo / "inventory.local" / "group_vars")
+    playbook = [venv_tool("ansible-playbook"), "-i", str(inventory)]
+    with phases.phase("site.yml: base, driver (skipped: cpu node), python env, model, service"):
+        run([*playbook, "playbooks/site.yml"], repo)
+    with phases.phase("smoke.yml: one generation per instance through the API"):
+        run([*playbook, "playbooks/smoke.yml"], repo)
+
+    images = sorted((state / "smoke").glob(f"{NODE}-*.png"))
+    manifest = state / "manifests" / f"{NODE}.json"
+    print("\n==> demo done")
+    for title, seconds in phases.timings:
+        print(f"    {seconds:7.1f}s  {title}")
+    print(f"    sample image(s): {', '.join(map(str, images)) or 'none found (see smoke output)'}")
+    print(f"    contact sheet:   {state / 'smoke' / 'contact-sheet.png'}")
+    print(f"    node manifest:   {manifest}{'' if manifest.exists() else ' (missing!)'}")
+    print(f"    inventory:       {inventory / 'hosts.yml'}")
+    print(f"    log in:          .venv/bin/testnode ssh {NODE}")
+    print("    remove it:       make demo-clean")
+    if not images or not manifest.exists():
+        sys.exit("demo: the run finished but the image or the manifest is missing")
+
+
+if __name__ == "__main__":
+    main()
