@@ -1,0 +1,1 @@
+"""Controller-side tools for sdnode."""

@@ -1,0 +1,1094 @@
+"""Throwaway Debian 12 test nodes: systemd-nspawn containers that look like fresh cloud VMs to Ansible.
+
+Each node boots systemd as PID 1 in its own network namespace, on the private bridge `sdnbr0`
+(10.213.0.1/24, nodes from 10.213.0.10), with outbound NAT from the nftables table `inet sdnode_testnodes`.
+Root logs in over SSH with a per-run key; host keys are generated per node and written to a known_hosts
+file that the generated Ansible inventory uses.
+
+Layout:
+- host-wide (shared by every checkout on the machine): node records and root filesystems under
+  /var/lib/sdnode/testnodes/<name>/, the bridge, the nftables table, net.ipv4.ip_forward;
+- per checkout ($STATE/testnodes/): the key pair, known_hosts, passwords, node logs, the inventory;
+- cache: /var/cache/sdnode/rootfs-bookworm-<recipe hash>.tar, built once with debootstrap.
+
+Sections below: helpers, names and addresses, node records, root filesystem cache, network, node rootfs,
+supervisor, lifecycle, inventory, gc, host setup, command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sdnode.state import cache_dir, state_dir
+
+BRIDGE = "sdnbr0"
+NETWORK = ipaddress.IPv4Network("10.213.0.0/24")
+GATEWAY = ipaddress.IPv4Address("10.213.0.1")
+FIRST_NODE_HOST = 10
+NFT_TABLE = "sdnode_testnodes"  # family inet
+NETNS_PREFIX = "sdn-"
+VETH_PREFIX = "sdnv"  # host end: sdnv<last octet>; the node end is eth0 inside the namespace
+NODES_ENV = "SDNODE_NODES_DIR"
+DEFAULT_NODES_DIR = Path("/var/lib/sdnode/testnodes")
+NSPAWN_REBOOT_STATUS = 133
+HOST_PACKAGES = ("debootstrap", "systemd-container", "nftables", "iproute2", "openssh-client", "rsync")
+HOST_TOOLS = {"debootstrap": "debootstrap", "systemd-nspawn": "systemd-container", "nft": "nftables",
+              "ip": "iproute2", "ssh": "openssh-client", "ssh-keygen": "openssh-client"}
+READY_TIMEOUT_S = 90.0
+STOP_TIMEOUT_S = 15.0
+NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}[a-z0-9]$|^[a-z]$")
+GROUP = "sdnodes"
+
+
+class TestnodeError(Exception):
+    """A failure with a message meant for the user."""
+
+    __test__ = False  # not a pytest test class
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers
+
+
+def run(cmd: Sequence[str | os.PathLike[str]], *, input: str | None = None, check: bool = True,
+        timeout: float | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a command, capturing output; on failure raise TestnodeError naming the command and its stderr."""
+    argv = [str(a) for a in cmd]
+    try:
+        result = subprocess.run(argv, input=input, capture_output=True, text=True, timeout=timeout, env=env)
+    except FileNotFoundError as exc:
+        raise TestnodeError(f"{argv[0]} not found: run `testnode host-setup` as root") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise TestnodeError(f"`{shlex.join(argv)}` timed out after {timeout} s") from exc
+    if check and result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip()
+        raise TestnodeError(f"`{shlex.join(argv)}` failed with status {result.returncode}: {detail}")
+    return result
+
+
+def require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise TestnodeError(f"`testnode {what}` needs root (network namespaces, nftables, systemd-nspawn); "
+                            "run it with sudo or as root")
+
+
+def require_host_tools() -> None:
+    missing = sorted({pkg for tool, pkg in HOST_TOOLS.items() if shutil.which(tool) is None})
+    if missing:
+        raise TestnodeError(f"missing host packages: {', '.join(missing)}; run `testnode host-setup` as root")
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on `path`, held for the duration of the block (released if the process dies)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def write_file(path: Path, content: str | bytes, mode: int = 0o644) -> None:
+    """Write atomically (temp file + rename) with the given mode, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content.encode() if isinstance(content, str) else content)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def proc_start_time(pid: int) -> int | None:
+    """The process start time (clock ticks since boot), or None when no such process exists."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after its closing parenthesis.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[19])
+
+
+def proc_alive(pid: int | None, start: int | None) -> bool:
+    """True when `pid` runs and is the same process as recorded (start time guards against pid reuse)."""
+    if not pid:
+        return False
+    now = proc_start_time(pid)
+    if now is None:
+        return False
+    if start is not None and now != start:
+        return False
+    # A zombie is as good as gone.
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def proc_cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+def all_pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def kill_quietly(pid: int, sig: int = signal.SIGKILL) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, sig)
+
+
+def wait_gone(pids: Iterable[int], timeout: float) -> bool:
+    """Wait until none of `pids` runs; True if they all went."""
+    pending = set(pids)
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        pending = {p for p in pending if proc_alive(p, None)}
+        if pending:
+            time.sleep(0.1)
+    return not pending
+
+
+def parse_memory(value: str) -> int:
+    """'512M', '2G', '1.5GiB', '1073741824' -> bytes (binary units, as systemd reads them)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", value, re.IGNORECASE)
+    if not match:
+        raise TestnodeError(f"--memory: cannot read {value!r}; use a size such as 512M or 2G")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    size = int(number * 1024 ** " KMGT".index(unit or " "))
+    if size < 128 * 1024**2:
+        raise TestnodeError(f"--memory: {value!r} is below 128M, too little for systemd and sshd")
+    return size
+
+
+# ---------------------------------------------------------------------------------------------------
+# Names and addresses
+
+
+def validate_name(name: str) -> str:
+    """Node names become hostnames, machine names and netns names: keep them short DNS labels."""
+    if not NAME_RE.fullmatch(name) or "--" in name:
+        raise TestnodeError(f"node name {name!r}: use 1-32 lowercase letters, digits and single hyphens, "
+                            "starting with a letter and not ending with a hyphen")
+    return name
+
+
+def allocate_address(used: Iterable[str]) -> str:
+    """The lowest free node address, from 10.213.0.10 up."""
+    taken = {ipaddress.IPv4Address(a) for a in used}
+    for host in range(FIRST_NODE_HOST, NETWORK.num_addresses - 1):
+        candidate = NETWORK.network_address + host
+        if candidate not in taken:
+            return str(candidate)
+    raise TestnodeError(f"no free address left in {NETWORK}: bring some nodes down")
+
+
+def netns_name(name: str) -> str:
+    return f"{NETNS_PREFIX}{name}"
+
+
+def veth_name(address: str) -> str:
+    """Host end of a node's veth pair; interface names are limited to 15 characters, addresses are short."""
+    return f"{VETH_PREFIX}{address.rsplit('.', 1)[1]}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Node records (host-wide: one per node, whichever checkout started it)
+
+
+@dataclasses.dataclass
+class NodeRecord:
+    name: str
+    address: str
+    state_dir: str
+    status: str = "creating"  # creating -> up
+    password_login: bool = False
+    memory: int | None = None
+    owner_pid: int | None = None  # the `up` process, while creating
+    owner_start: int | None = None
+    supervisor_pid: int | None = None
+    supervisor_start: int | None = None
+    created: float = dataclasses.field(default_factory=time.time)
+
+    def is_live(self) -> bool:
+        """Running (its supervisor lives) or being created by a live `up`."""
+        if proc_alive(self.supervisor_pid, self.supervisor_start):
+            return True
+        return self.status == "creating" and proc_alive(self.owner_pid, self.owner_start)
+
+    def is_running(self) -> bool:
+        return self.status == "up" and proc_alive(self.supervisor_pid, self.supervisor_start)
+
+
+def nodes_dir() -> Path:
+    override = os.environ.get(NODES_ENV)
+    return Path(override) if override else DEFAULT_NODES_DIR
+
+
+def host_lock() -> contextlib.AbstractContextManager[None]:
+    """Serialises allocation and shared network set-up/tear-down among all `testnode` processes."""
+    return file_lock(nodes_dir() / ".lock")
+
+
+def node_dir(name: str) -> Path:
+    return nodes_dir() / name
+
+
+def record_path(name: str) -> Path:
+    return node_dir(name) / "node.json"
+
+
+def load_record(name: str) -> NodeRecord | None:
+    try:
+        data = json.loads(record_path(name).read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise TestnodeError(f"node record {record_path(name)} is unreadable ({exc}); "
+                            "run `testnode gc`") from exc
+    known = {f.name for f in dataclasses.fields(NodeRecord)}
+    return NodeRecord(**{k: v for k, v in data.items() if k in known})
+
+
+def save_record(record: NodeRecord) -> None:
+    write_file(record_path(record.name), json.dumps(dataclasses.asdict(record), indent=2) + "\n")
+
+
+def load_records() -> list[NodeRecord]:
+    base = nodes_dir()
+    if not base.is_dir():
+        return []
+    records = []
+    for path in sorted(base.glob("*/node.json")):
+        with contextlib.suppress(TestnodeError):
+            record = load_record(path.parent.name)
+            if record is not None:
+                records.append(record)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-checkout files ($STATE/testnodes)
+
+
+def testnodes_state(base: Path | None = None) -> Path:
+    return (base or state_dir()) / "testnodes"
+
+
+def key_path(base: Path | None = None) -> Path:
+    return testnodes_state(base) / "id_ed25519"
+
+
+def known_hosts_path(base: Path | None = None) -> Path:
+    return testnodes_state(base) / "known_hosts"
+
+
+def default_inventory_path(base: Path | None = None) -> Path:
+    return testnodes_state(base) / "inventory" / "hosts.yml"
+
+
+def state_lock(base: Path | None = None) -> contextlib.AbstractContextManager[None]:
+    return file_lock(testnodes_state(base) / ".lock")
+
+
+def ensure_key(base: Path) -> Path:
+    key = key_path(base)
+    if not key.exists():
+        key.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(key.parent, 0o700)
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "testnode", "-f", key])
+    return key
+
+
+def update_known_hosts(path: Path, address: str, host_keys: Sequence[str]) -> None:
+    """Replace every line for `address` with the node's current host keys ("type base64" strings)."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = [line for line in lines if line.split(" ", 1)[0] != address]
+    kept.extend(f"{address} {key}" for key in host_keys)
+    write_file(path, "".join(f"{line}\n" for line in kept), 0o644)
+
+
+def ssh_base_args(base: Path, address: str, *, batch: bool = True, connect_timeout: int | None = None
+                  ) -> list[str]:
+    args = ["ssh", "-i", str(key_path(base)), "-o", "IdentitiesOnly=yes",
+            "-o", f"UserKnownHostsFile={known_hosts_path(base)}", "-o", "StrictHostKeyChecking=yes",
+            "-o", "LogLevel=ERROR"]
+    if batch:
+        args += ["-o", "BatchMode=yes"]
+    if connect_timeout is not None:
+        args += ["-o", f"ConnectTimeout={connect_timeout}"]
+    return [*args, f"root@{address}"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Root filesystem cache
+
+SUITE = "bookworm"
+MIRROR = "http://deb.debian.org/debian"
+SECURITY_MIRROR = "http://deb.debian.org/debian-security"
+# What a fresh Debian cloud image offers Ansible: systemd, sshd with sftp, python3, sudo, basic tools.
+INCLUDE = ("systemd", "systemd-sysv", "dbus", "openssh-server", "openssh-sftp-server", "python3", "sudo",
+           "iproute2", "ca-certificates", "netbase", "procps", "iputils-ping", "curl", "gnupg", "less",
+           "xz-utils")
+HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
+HOST_APT_CONF_DIR = Path("/etc/apt/apt.conf.d")
+# Host apt settings worth mirroring into nodes: the proxy and the archive-validity relaxations it needs.
+APT_SETTING_RE = re.compile(r"Acquire::(https?::Proxy|Check-Valid-Until|Check-Date)", re.IGNORECASE)
+BUILD_STEPS_VERSION = 1  # bump when build_rootfs changes what it puts into the tarball
+
+
+def host_ca_certs() -> dict[str, str]:
+    if not HOST_CA_DIR.is_dir():
+        return {}
+    return {str(p.relative_to(HOST_CA_DIR)): p.read_text() for p in sorted(HOST_CA_DIR.rglob("*.crt"))}
+
+
+def host_apt_settings() -> dict[str, str]:
+    if not HOST_APT_CONF_DIR.is_dir():
+        return {}
+    found = {}
+    for path in sorted(HOST_APT_CONF_DIR.iterdir()):
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            text = path.read_text()
+            if path.is_file() and APT_SETTING_RE.search(text):
+                found[path.name] = text
+    return found
+
+
+def rootfs_recipe() -> dict[str, Any]:
+    """Everything that decides the tarball's content; its hash names the cache file."""
+    return {"suite": SUITE, "variant": "minbase", "mirror": MIRROR, "security": SECURITY_MIRROR,
+            "include": sorted(INCLUDE), "steps": BUILD_STEPS_VERSION, "ca": host_ca_certs(),
+            "apt": host_apt_settings()}
+
+
+def recipe_hash(recipe: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def rootfs_tarball(recipe: dict[str, Any] | None = None) -> Path:
+    return cache_dir() / f"rootfs-{SUITE}-{recipe_hash(recipe or rootfs_recipe())}.tar"
+
+
+def sources_list() -> str:
+    return (f"deb {MIRROR} {SUITE} main\n"
+            f"deb {MIRROR} {SUITE}-updates main\n"
+            f"deb {SECURITY_MIRROR} {SUITE}-security main\n")
+
+
+def ensure_rootfs_tarball(log: Any = print) -> Path:
+    """Build the cached root filesystem once (about a minute); concurrent callers wait for one build."""
+    recipe = rootfs_recipe()
+    tarball = rootfs_tarball(recipe)
+    if tarball.exists():
+        return tarball
+    with file_lock(cache_dir() / ".rootfs.lock"):
+        if tarball.exists():  # built by another process while we waited
+            return tarball
+        log(f"building the {SUITE} root filesystem (once; cached as {tarball}) ...")
+        started = time.monotonic()
+        # Built in a temp dir and renamed into place, so an interrupted build never leaves a bad cache.
+        with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".build-") as tmp:
+            root = Path(tmp) / "root"
+            build_rootfs(root, recipe)
+            partial = Path(tmp) / "rootfs.tar"
+            run(["tar", "-C", root, "--numeric-owner", "-cf", partial, "."])
+            os.replace(partial, tarball)
+        for old in cache_dir().glob(f"rootfs-{SUITE}-*.tar"):
+            if old != tarball:
+                old.unlink()
+        log(f"built {tarball} in {time.monotonic() - started:.0f} s")
+    return tarball
+
+
+def build_rootfs(root: Path, recipe: dict[str, Any]) -> None:
+    run(["debootstrap", "--variant=minbase", f"--include={','.join(recipe['include'])}", SUITE, root, MIRROR],
+        timeout=1800)
+    (root / "etc/apt/sources.list").write_text(sources_list())
+    for name, text in recipe["apt"].items():
+        (root / "etc/apt/apt.conf.d" / f"50sdnode-host-{name}").write_text(text)
+    # Trust the controller's CA certificates (outbound TLS here goes through an intercepting proxy).
+    for rel, text in recipe["ca"].items():
+        dest = root / "usr/local/share/ca-certificates" / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(text)
+    run(["chroot", root, "update-ca-certificates"])
+    # Per-node identity is written at `up`: no shared host keys or machine-id in the tarball.
+    for key in (root / "etc/ssh").glob("ssh_host_*"):
+        key.unlink()
+    (root / "etc/machine-id").write_text("")
+    run(["chroot", root, "apt-get", "clean"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Network
+
+
+def uplink_interface() -> str:
+    routes = json.loads(run(["ip", "-j", "route", "show", "default"]).stdout or "[]")
+    for route in routes:
+        if route.get("dev"):
+            return str(route["dev"])
+    raise TestnodeError("no default route on the host: nodes would have no way out")
+
+
+def nft_ruleset(uplink: str) -> str:
+    """The whole table, replaced atomically (declare, delete, re-create in one transaction)."""
+    return f"""table inet {NFT_TABLE} {{}}
+delete table inet {NFT_TABLE}
+table inet {NFT_TABLE} {{
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        ip saddr {NETWORK} oifname "{uplink}" masquerade
+    }}
+    chain forward {{
+        type filter hook forward priority filter; policy accept;
+        iifname "{BRIDGE}" accept
+        oifname "{BRIDGE}" ct state established,related accept
+    }}
+}}
+"""
+
+
+def link_exists(name: str) -> bool:
+    return run(["ip", "link", "show", "dev", name], check=False).returncode == 0
+
+
+def ip_forward_path() -> Path:
+    return Path("/proc/sys/net/ipv4/ip_forward")
+
+
+def ip_forward_saved() -> Path:
+    return nodes_dir() / "ip_forward.orig"
+
+
+def setup_shared_network() -> None:
+    """Bridge, NAT table, ip_forward (recording its old value once). Call under host_lock."""
+    if not link_exists(BRIDGE):
+        run(["ip", "link", "add", BRIDGE, "type", "bridge"])
+    current = run(["ip", "-j", "-4", "addr", "show", "dev", BRIDGE]).stdout
+    if f'"{GATEWAY}"' not in current:
+        run(["ip", "addr", "add", f"{GATEWAY}/{NETWORK.prefixlen}", "dev", BRIDGE])
+    run(["ip", "link", "set", BRIDGE, "up"])
+    run(["nft", "-f", "-"], input=nft_ruleset(uplink_interface()))
+    saved = ip_forward_saved()
+    if not saved.exists():
+        write_file(saved, ip_forward_path().read_text())
+    ip_forward_path().write_text("1\n")
+
+
+def teardown_shared_network() -> None:
+    """Undo setup_shared_network. Call under host_lock, only when no live node remains."""
+    if run(["nft", "list", "table", "inet", NFT_TABLE], check=False).returncode == 0:
+        run(["nft", "delete", "table", "inet", NFT_TABLE])
+    if link_exists(BRIDGE):
+        run(["ip", "link", "delete", BRIDGE])
+    saved = ip_forward_saved()
+    if saved.exists():
+        ip_forward_path().write_text(saved.read_text())
+        saved.unlink()
+
+
+def netns_list() -> list[str]:
+    out = run(["ip", "-j", "netns", "list"], check=False).stdout.strip()
+    return [entry["name"] for entry in json.loads(out or "[]")]
+
+
+def setup_node_network(name: str, address: str) -> None:
+    ns, veth = netns_name(name), veth_name(address)
+    remove_node_network(name, address)  # leftovers of a killed run under the same name or address
+    run(["ip", "netns", "add", ns])
+    run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
+    run(["ip", "link", "set", veth, "master", BRIDGE, "up"])
+    run(["ip", "-n", ns, "link", "set", "lo", "up"])
+    run(["ip", "-n", ns, "addr", "add", f"{address}/{NETWORK.prefixlen}", "dev", "eth0"])
+    run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+    run(["ip", "-n", ns, "route", "add", "default", "via", str(GATEWAY)])
+
+
+def netns_pids(ns: str) -> list[int]:
+    out = run(["ip", "netns", "pids", ns], check=False).stdout
+    return [int(p) for p in out.split()]
+
+
+def remove_node_network(name: str, address: str | None) -> None:
+    ns = netns_name(name)
+    if ns in netns_list():
+        for pid in netns_pids(ns):
+            kill_quietly(pid)
+        run(["ip", "netns", "delete", ns])  # takes the veth pair with it
+    if address and link_exists(veth_name(address)):
+        run(["ip", "link", "delete", veth_name(address)])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Node root filesystem
+
+
+def rootfs_path(name: str) -> Path:
+    return node_dir(name) / "rootfs"
+
+
+def resolv_conf() -> str:
+    """The host's resolvers, unless they are loopback-only (unreachable from a node's namespace)."""
+    for candidate in (Path("/etc/resolv.conf"), Path("/run/systemd/resolve/resolv.conf")):
+        with contextlib.suppress(OSError):
+            text = candidate.read_text()
+            servers = re.findall(r"^\s*nameserver\s+(\S+)", text, re.MULTILINE)
+            if servers and not all(ipaddress.ip_address(s).is_loopback for s in servers):
+                return text
+    return "nameserver 1.1.1.1\nnameserver 9.9.9.9\n"
+
+
+def hosts_file(name: str, address: str) -> str:
+    return (f"127.0.0.1\tlocalhost\n{address}\t{name}\n"
+            "::1\tlocalhost ip6-localhost ip6-loopback\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n")
+
+
+def sshd_dropin(password_login: bool) -> str:
+    # Like the drop-in of Ubuntu's cloud images: the node's base config stays the distribution's own.
+    if password_login:
+        return "# testnode --password-login\nPasswordAuthentication yes\nPermitRootLogin yes\n"
+    return "# testnode: root by key only\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
+
+
+def prepare_rootfs(name: str, address: str, tarball: Path, base: Path, password: str | None) -> list[str]:
+    """Unpack the cached tarball and give the node its own identity; returns its public host keys."""
+    root = rootfs_path(name)
+    if root.exists():
+        remove_tree(root)
+    root.mkdir(parents=True)
+    run(["tar", "-C", root, "--numeric-owner", "-xpf", tarball])
+    (root / "etc/machine-id").write_text(secrets.token_hex(16) + "\n")
+    (root / "etc/hostname").write_text(name + "\n")
+    (root / "etc/hosts").write_text(hosts_file(name, address))
+    resolv = root / "etc/resolv.conf"
+    if resolv.is_symlink() or resolv.exists():
+        resolv.unlink()
+    resolv.write_text(resolv_conf())
+    host_keys = []
+    for kind in ("ed25519", "ecdsa", "rsa"):
+        private = root / f"etc/ssh/ssh_host_{kind}_key"
+        run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", f"root@{name}", "-f", private])
+        host_keys.append(" ".join(Path(f"{private}.pub").read_text().split()[:2]))
+    ssh_dir = root / "root/.ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(ssh_dir, 0o700)
+    authorized = ssh_dir / "authorized_keys"
+    authorized.write_text(Path(f"{key_path(base)}.pub").read_text())
+    os.chmod(authorized, 0o600)
+    (root / "etc/ssh/sshd_config.d/60-testnode.conf").write_text(sshd_dropin(password is not None))
+    if password is not None:
+        run(["chroot", root, "chpasswd"], input=f"root:{password}\n")
+    return host_keys
+
+
+def remove_tree(path: Path) -> None:
+    # --one-file-system: never follow into a mount that something left inside a root filesystem.
+    run(["rm", "-rf", "--one-file-system", path])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Supervisor: keeps systemd-nspawn running across reboots (status 133), stops on anything else
+
+
+def nspawn_argv(name: str) -> list[str]:
+    return ["systemd-nspawn", "--register=no", "--keep-unit", f"--network-namespace-path=/run/netns/"
+            f"{netns_name(name)}", "-b", "-D", str(rootfs_path(name)), f"--machine={name}",
+            # a private netns already implies CAP_NET_ADMIN; explicit so the node's nftables is testable
+            "--capability=CAP_NET_ADMIN", "--resolv-conf=off", "--timezone=off", "--link-journal=no",
+            "--console=read-only"]
+
+
+def nspawn_env() -> dict[str, str]:
+    # /proc/sys/net writable (the node's own netns), so sysctl for net.* works like on a VM; the rest of
+    # /proc/sys stays read-only: it is the host's kernel.
+    return {**os.environ, "SYSTEMD_NSPAWN_API_VFS_WRITABLE": "network"}
+
+
+def memory_cgroup(name: str) -> Path | None:
+    """A cgroup (v1 memory controller or v2) below our own, for --memory; None if none is usable."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            mount = Path("/sys/fs/cgroup/memory")
+            if mount.is_dir():
+                return mount / path.lstrip("/") / f"sdnode-{name}"
+    unified = Path("/sys/fs/cgroup/cgroup.controllers")
+    if unified.exists() and "memory" in unified.read_text().split():
+        own = next(line.split("::", 1)[1] for line in Path("/proc/self/cgroup").read_text().splitlines()
+                   if line.startswith("0::"))
+        return Path("/sys/fs/cgroup") / own.lstrip("/") / f"sdnode-{name}"
+    return None
+
+
+def limit_memory(name: str, limit: int) -> None:
+    group = memory_cgroup(name)
+    if group is None:
+        raise TestnodeError("--memory: no memory cgroup controller on this host")
+    group.mkdir(exist_ok=True)
+    v1 = (group / "memory.limit_in_bytes").exists()
+    (group / ("memory.limit_in_bytes" if v1 else "memory.max")).write_text(str(limit))
+    (group / "cgroup.procs").write_text(str(os.getpid()))
+
+
+def supervise(name: str, argv: list[str], memory: int | None) -> int:
+    if memory:
+        limit_memory(name, memory)
+    stopping = False
+    child: subprocess.Popen[bytes] | None = None
+
+    def on_stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGTERM)  # nspawn halts the container in an orderly way
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    while True:
+        print(f"supervisor: starting {shlex.join(argv)}", flush=True)
+        child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=nspawn_env())
+        status = child.wait()
+        print(f"supervisor: systemd-nspawn exited with status {status}", flush=True)
+        if status != NSPAWN_REBOOT_STATUS or stopping:
+            return 0 if stopping else status
+        print("supervisor: node rebooted, starting it again", flush=True)
+
+
+def start_supervisor(record: NodeRecord, base: Path) -> None:
+    log = testnodes_state(base) / f"{record.name}.log"
+    argv = [sys.executable, "-m", "sdnode.testnode", "_supervise", record.name]
+    if record.memory:
+        argv += ["--memory-bytes", str(record.memory)]
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([*argv, "--", *nspawn_argv(record.name)], stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+    record.supervisor_pid = proc.pid
+    record.supervisor_start = proc_start_time(proc.pid)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Lifecycle
+
+
+def log_tail(base: Path, name: str, lines: int = 30) -> str:
+    path = testnodes_state(base) / f"{name}.log"
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except FileNotFoundError:
+        return "(no log)"
+
+
+def wait_ready(record: NodeRecord, base: Path, timeout: float = READY_TIMEOUT_S) -> str:
+    """Wait until systemd reports the boot finished (running or degraded) and SSH answers."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if not proc_alive(record.supervisor_pid, record.supervisor_start):
+            raise TestnodeError(f"node {record.name} stopped while booting; log tail:\n"
+                                f"{log_tail(base, record.name)}")
+        result = run([*ssh_base_args(base, record.address, connect_timeout=2),
+                      "systemctl", "is-system-running", "--wait"],
+                     check=False, timeout=max(5.0, deadline - time.monotonic()))
+        state = result.stdout.strip()
+        if state in ("running", "degraded"):
+            return state
+        last = state or result.stderr.strip()
+        time.sleep(0.3)
+    raise TestnodeError(f"node {record.name} not ready after {timeout:.0f} s (last: {last}); log tail:\n"
+                        f"{log_tail(base, record.name)}")
+
+
+def up(name: str, *, password_login: bool = False, memory: int | None = None, log: Any = print) -> NodeRecord:
+    require_root("up")
+    validate_name(name)
+    require_host_tools()
+    base = state_dir()
+    tarball = ensure_rootfs_tarball(log)
+    with host_lock():
+        existing = load_record(name)
+        if existing is not None and existing.is_live():
+            if existing.state_dir != str(base):
+                raise TestnodeError(f"node {name} exists and belongs to {existing.state_dir}; pick another "
+                                    "name or `testnode down` it from there")
+            if existing.status == "up":
+                log(f"{name} is already up at {existing.address}")
+                return existing
+            raise TestnodeError(f"node {name} is being created by process {existing.owner_pid}")
+        if existing is not None:  # a dead leftover: clear it, then start afresh
+            _remove_node_resources(existing.name, existing.address)
+        used = [r.address for r in load_records() if r.name != name and r.is_live()]
+        record = NodeRecord(name=name, address=allocate_address(used), state_dir=str(base),
+                            password_login=password_login, memory=memory, owner_pid=os.getpid(),
+                            owner_start=proc_start_time(os.getpid()))
+        save_record(record)
+        ensure_key(base)
+        setup_shared_network()
+        setup_node_network(name, record.address)
+    try:
+        started = time.monotonic()
+        password = secrets.token_urlsafe(18) if password_login else None
+        host_keys = prepare_rootfs(name, record.address, tarball, base, password)
+        pw_file = testnodes_state(base) / f"{name}.password"
+        if password is not None:
+            write_file(pw_file, password + "\n", 0o600)
+        else:
+            pw_file.unlink(missing_ok=True)
+        with state_lock(base):
+            update_known_hosts(known_hosts_path(base), record.address, host_keys)
+        start_supervisor(record, base)
+        save_record(record)
+        state = wait_ready(record, base)
+        record.status = "up"
+        record.owner_pid = record.owner_start = None
+        save_record(record)
+        write_inventory(base)
+        log(f"{name} is up at {record.address} (systemd {state}, {time.monotonic() - started:.1f} s)")
+        return record
+    except BaseException:
+        with contextlib.suppress(Exception):
+            down(name, log=lambda _msg: None)
+        raise
+
+
+def _stop_processes(record: NodeRecord) -> None:
+    """Halt the node (SIGTERM to the supervisor, which nspawn turns into an orderly halt), then force."""
+    if proc_alive(record.supervisor_pid, record.supervisor_start):
+        assert record.supervisor_pid is not None
+        kill_quietly(record.supervisor_pid, signal.SIGTERM)
+        if wait_gone([record.supervisor_pid], STOP_TIMEOUT_S):
+            return
+    for pid in stray_pids({record.name}):
+        kill_quietly(pid)
+    for pid in netns_pids(netns_name(record.name)) if netns_name(record.name) in netns_list() else []:
+        kill_quietly(pid)
+    if record.supervisor_pid and proc_alive(record.supervisor_pid, record.supervisor_start):
+        kill_quietly(record.supervisor_pid)
+    wait_gone([p for p in [record.supervisor_pid] if p], 5)
+
+
+def stray_pids(names: set[str] | None) -> list[int]:
+    """Supervisor and nspawn processes of the given nodes (all nodes when `names` is None)."""
+    found = []
+    for pid in all_pids():
+        argv = proc_cmdline(pid)
+        node = None
+        if "_supervise" in argv and any("sdnode.testnode" in a for a in argv):
+            idx = argv.index("_supervise")
+            node = argv[idx + 1] if idx + 1 < len(argv) else None
+        elif argv and argv[0].endswith("systemd-nspawn"):
+            for arg in argv:
+                if arg.startswith(f"--network-namespace-path=/run/netns/{NETNS_PREFIX}"):
+                    node = arg.split(f"/run/netns/{NETNS_PREFIX}", 1)[1]
+        if node is not None and (names is None or node in names) and pid != os.getpid():
+            found.append(pid)
+    return found
+
+
+def _remove_node_resources(name: str, address: str | None) -> None:
+    remove_node_network(name, address)
+    if node_dir(name).exists():
+        remove_tree(node_dir(name))
+
+
+def down(name: str, *, log: Any = print) -> bool:
+    """Stop a node and remove everything it made; True if there was a node. Idempotent."""
+    require_root("down")
+    validate_name(name)
+    record = load_record(name)
+    if record is None:
+        with host_lock():
+            _remove_node_resources(name, None)
+            _teardown_if_last()
+        log(f"{name}: no such node")
+        return False
+    _stop_processes(record)
+    with host_lock():
+        _remove_node_resources(name, record.address)
+        _teardown_if_last()
+    base = Path(record.state_dir)
+    if testnodes_state(base).is_dir():
+        with state_lock(base):
+            update_known_hosts(known_hosts_path(base), record.address, [])
+        (testnodes_state(base) / f"{name}.password").unlink(missing_ok=True)
+        write_inventory(base)
+    log(f"{name} is down")
+    return True
+
+
+def _teardown_if_last() -> None:
+    if not any(r.is_live() for r in load_records()):
+        teardown_shared_network()
+
+
+def node_status(record: NodeRecord) -> str:
+    if record.is_running():
+        return "running"
+    return "creating" if record.is_live() else "dead"
+
+
+def list_nodes(base: Path) -> list[dict[str, Any]]:
+    return [{"name": r.name, "address": r.address, "status": node_status(r),
+             "password_login": r.password_login, "state_dir": r.state_dir, "mine": r.state_dir == str(base)}
+            for r in load_records()]
+
+
+def find_own_node(name: str, base: Path) -> NodeRecord:
+    record = load_record(validate_name(name))
+    if record is None or not record.is_running():
+        raise TestnodeError(f"node {name} is not running; start it with `testnode up {name}`")
+    if record.state_dir != str(base):
+        raise TestnodeError(f"node {name} belongs to {record.state_dir}; set SDNODE_STATE_DIR to reach it")
+    return record
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inventory
+
+
+def inventory_data(records: Iterable[NodeRecord], base: Path) -> dict[str, Any]:
+    hosts = {}
+    for record in sorted(records, key=lambda r: r.name):
+        hosts[record.name] = {
+            "ansible_host": record.address,
+            "ansible_user": "root",
+            "ansible_ssh_private_key_file": str(key_path(base)),
+            "ansible_ssh_common_args": f"-o UserKnownHostsFile={known_hosts_path(base)} "
+                                       "-o StrictHostKeyChecking=yes",
+            "ansible_python_interpreter": "/usr/bin/python3",
+            "sdnode_accelerator": "cpu",
+        }
+    return {"all": {"children": {GROUP: {"hosts": hosts or None}}}}
+
+
+def write_inventory(base: Path, output: Path | None = None, group_vars: Path | None = None) -> Path:
+    """Write the inventory of this checkout's running nodes; with group_vars, link it beside the file."""
+    path = (output or default_inventory_path(base)).resolve()
+    records = [r for r in load_records() if r.state_dir == str(base) and r.is_running()]
+    header = "# Written by `testnode inventory`: the running test nodes of this checkout. Do not edit.\n"
+    with state_lock(base):
+        write_file(path, header + yaml.safe_dump(inventory_data(records, base), sort_keys=False, width=1000))
+    if group_vars is not None:
+        target = group_vars.resolve()
+        if not target.is_dir():
+            raise TestnodeError(f"--group-vars: {group_vars} is not a directory")
+        link = path.parent / "group_vars"
+        if link.is_symlink():
+            link.unlink()
+        elif link.exists():
+            raise TestnodeError(f"{link} exists and is not a symlink; remove it or choose another --output")
+        link.symlink_to(target)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# gc: remove what killed runs left behind, never touching live nodes
+
+
+def gc(log: Any = print) -> list[str]:
+    require_root("gc")
+    removed: list[str] = []
+    with host_lock():
+        records = load_records()
+        live = {r.name for r in records if r.is_live()}
+        # Live nodes whose checkout's state (and so their key) is gone can never be reached again.
+        for record in records:
+            if record.name in live and not key_path(Path(record.state_dir)).exists():
+                _stop_processes(record)
+                live.discard(record.name)
+                removed.append(f"orphaned node {record.name} (state {record.state_dir} is gone)")
+        for pid in stray_pids(None):
+            node = _node_of_pid(pid)
+            if node not in live:
+                kill_quietly(pid)
+                removed.append(f"process {pid} ({node})")
+        for ns in netns_list():
+            if ns.startswith(NETNS_PREFIX) and ns[len(NETNS_PREFIX) :] not in live:
+                remove_node_network(ns[len(NETNS_PREFIX) :], None)
+                removed.append(f"netns {ns}")
+        live_veths = {veth_name(r.address) for r in records if r.name in live}
+        links = json.loads(run(["ip", "-j", "link", "show"]).stdout or "[]")
+        for link in links:
+            ifname = link.get("ifname", "")
+            if re.fullmatch(rf"{VETH_PREFIX}\d+", ifname) and ifname not in live_veths:
+                run(["ip", "link", "delete", ifname], check=False)
+                removed.append(f"link {ifname}")
+        base = nodes_dir()
+        if base.is_dir():
+            for entry in sorted(base.iterdir()):
+                if entry.is_dir() and entry.name not in live:
+                    remove_tree(entry)
+                    removed.append(f"node dir {entry}")
+        if not live:
+            had_shared = link_exists(BRIDGE) or ip_forward_saved().exists() or run(
+                ["nft", "list", "table", "inet", NFT_TABLE], check=False).returncode == 0
+            teardown_shared_network()
+            if had_shared:
+                removed.append(f"bridge {BRIDGE}, table inet {NFT_TABLE}, ip_forward restored")
+    for item in removed:
+        log(f"removed {item}")
+    if not removed:
+        log("nothing to clean")
+    return removed
+
+
+def _node_of_pid(pid: int) -> str | None:
+    argv = proc_cmdline(pid)
+    if "_supervise" in argv:
+        idx = argv.index("_supervise")
+        return argv[idx + 1] if idx + 1 < len(argv) else None
+    for arg in argv:
+        if arg.startswith(f"--network-namespace-path=/run/netns/{NETNS_PREFIX}"):
+            return arg.split(f"/run/netns/{NETNS_PREFIX}", 1)[1]
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Host setup
+
+
+def missing_host_packages() -> list[str]:
+    missing = []
+    for package in HOST_PACKAGES:
+        result = run(["dpkg-query", "-W", "-f=${Status}", package], check=False)
+        if result.returncode != 0 or "install ok installed" not in result.stdout:
+            missing.append(package)
+    return missing
+
+
+def host_setup(log: Any = print) -> list[str]:
+    require_root("host-setup")
+    missing = missing_host_packages()
+    if not missing:
+        log(f"host packages present: {', '.join(HOST_PACKAGES)}")
+        return []
+    log(f"installing {', '.join(missing)} ...")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    run(["apt-get", "update"], env=env, timeout=600)
+    run(["apt-get", "install", "-y", "--no-install-recommends", *missing], env=env, timeout=1200)
+    log(f"installed {', '.join(missing)}")
+    return missing
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="testnode", description="Throwaway Debian 12 test nodes "
+                                     "(systemd-nspawn) that Ansible and testinfra can deploy to.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("up", help="start a node (idempotent) and print its address")
+    p.add_argument("name")
+    p.add_argument("--password-login", action="store_true",
+                   help="give root a random password ($STATE/testnodes/NAME.password), allowed over SSH")
+    p.add_argument("--memory", type=parse_memory, help="memory limit, e.g. 2G")
+    p = sub.add_parser("down", help="stop nodes and remove everything they made")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("name", nargs="?")
+    target.add_argument("--all", action="store_true", help="every node of this checkout")
+    p = sub.add_parser("list", help="list the nodes on this host")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("ssh", help="ssh into a node as root, optionally running a command")
+    p.add_argument("name")
+    p.add_argument("cmd", nargs=argparse.REMAINDER)
+    p = sub.add_parser("inventory", help="write the Ansible inventory of this checkout's nodes")
+    p.add_argument("--output", type=Path, help="hosts.yml to write (default: $STATE/testnodes/inventory/)")
+    p.add_argument("--group-vars", type=Path, help="link this directory as group_vars beside the inventory")
+    sub.add_parser("gc", help="remove what killed runs left behind (live nodes are kept)")
+    sub.add_parser("host-setup", help="install the host packages test nodes need (root)")
+    p = sub.add_parser("_supervise", help=argparse.SUPPRESS)
+    p.add_argument("name")
+    p.add_argument("--memory-bytes", type=int)
+    p.add_argument("argv", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except TestnodeError as exc:
+        print(f"testnode: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "up":
+        record = up(args.name, password_login=args.password_login, memory=args.memory,
+                    log=lambda msg: print(msg, file=sys.stderr))
+        print(record.address)
+    elif args.command == "down":
+        base = state_dir()
+        if args.all:
+            for record in load_records():
+                if record.state_dir == str(base):
+                    down(record.name)
+        else:
+            down(args.name)
+    elif args.command == "list":
+        nodes = list_nodes(state_dir())
+        if args.json:
+            print(json.dumps(nodes, indent=2))
+        else:
+            print(f"{'NAME':<20} {'ADDRESS':<14} {'STATUS':<9} {'LOGIN':<9} STATE")
+            for n in nodes:
+                login = "password" if n["password_login"] else "key"
+                print(f"{n['name']:<20} {n['address']:<14} {n['status']:<9} {login:<9} "
+                      f"{'this checkout' if n['mine'] else n['state_dir']}")
+    elif args.command == "ssh":
+        base = state_dir()
+        record = find_own_node(args.name, base)
+        cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        # Interactive sessions may prompt (e.g. a passphrase); commands never should.
+        os.execvp("ssh", [*ssh_base_args(base, record.address, batch=bool(cmd)), *cmd])
+    elif args.command == "inventory":
+        print(write_inventory(state_dir(), args.output, args.group_vars))
+    elif args.command == "gc":
+        gc()
+    elif args.command == "host-setup":
+        host_setup()
+    elif args.command == "_supervise":
+        argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+        return supervise(args.name, argv, args.memory_bytes)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
