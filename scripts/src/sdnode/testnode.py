@@ -166,6 +166,22 @@ def all_pids() -> list[int]:
     return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
 
 
+def pids_rooted_at(roots: Iterable[Path]) -> list[int]:
+    """Processes whose root directory is one of `roots`: what runs inside a node, even after nspawn died."""
+    wanted = set()
+    for root in roots:
+        with contextlib.suppress(OSError):
+            st = root.stat()
+            wanted.add((st.st_dev, st.st_ino))
+    found = []
+    for pid in all_pids() if wanted else []:
+        with contextlib.suppress(OSError):
+            st = os.stat(f"/proc/{pid}/root")
+            if (st.st_dev, st.st_ino) in wanted:
+                found.append(pid)
+    return found
+
+
 def kill_quietly(pid: int, sig: int = signal.SIGKILL) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, sig)
@@ -241,6 +257,7 @@ class NodeRecord:
     owner_start: int | None = None
     supervisor_pid: int | None = None
     supervisor_start: int | None = None
+    cgroup: str | None = None  # memory cgroup made for --memory
     created: float = dataclasses.field(default_factory=time.time)
 
     def is_live(self) -> bool:
@@ -691,9 +708,8 @@ def supervise(name: str, argv: list[str], memory: int | None) -> int:
 
 def start_supervisor(record: NodeRecord, base: Path) -> None:
     log = testnodes_state(base) / f"{record.name}.log"
-    argv = [sys.executable, "-m", "sdnode.testnode", "_supervise", record.name]
-    if record.memory:
-        argv += ["--memory-bytes", str(record.memory)]
+    # The node name right after `_supervise`: gc and down find supervisors by it.
+    argv = [sys.executable, "-m", "sdnode.testnode", "_supervise", record.name, str(record.memory or 0)]
     with open(log, "ab") as out:
         proc = subprocess.Popen([*argv, "--", *nspawn_argv(record.name)], stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
@@ -747,14 +763,20 @@ def up(name: str, *, password_login: bool = False, memory: int | None = None, lo
                                     "name or `testnode down` it from there")
             if existing.status == "up":
                 log(f"{name} is already up at {existing.address}")
+                write_inventory(base)
                 return existing
             raise TestnodeError(f"node {name} is being created by process {existing.owner_pid}")
         if existing is not None:  # a dead leftover: clear it, then start afresh
-            _remove_node_resources(existing.name, existing.address)
+            _remove_node_resources(existing.name, existing.address, existing.cgroup)
         used = [r.address for r in load_records() if r.name != name and r.is_live()]
         record = NodeRecord(name=name, address=allocate_address(used), state_dir=str(base),
                             password_login=password_login, memory=memory, owner_pid=os.getpid(),
                             owner_start=proc_start_time(os.getpid()))
+        if memory:
+            group = memory_cgroup(name)
+            if group is None:
+                raise TestnodeError("--memory: no memory cgroup controller on this host")
+            record.cgroup = str(group)
         save_record(record)
         ensure_key(base)
         setup_shared_network()
@@ -792,13 +814,19 @@ def _stop_processes(record: NodeRecord) -> None:
         kill_quietly(record.supervisor_pid, signal.SIGTERM)
         if wait_gone([record.supervisor_pid], STOP_TIMEOUT_S):
             return
-    for pid in stray_pids({record.name}):
+    kill_node_processes(record.name)
+
+
+def kill_node_processes(name: str) -> None:
+    """SIGKILL a node's supervisor, nspawn and everything inside it; the container's init outlives a
+    killed nspawn, so processes are found by their root directory and network namespace too."""
+    pids = set(stray_pids({name})) | set(pids_rooted_at([rootfs_path(name)]))
+    if netns_name(name) in netns_list():
+        pids |= set(netns_pids(netns_name(name)))
+    pids.discard(os.getpid())
+    for pid in pids:
         kill_quietly(pid)
-    for pid in netns_pids(netns_name(record.name)) if netns_name(record.name) in netns_list() else []:
-        kill_quietly(pid)
-    if record.supervisor_pid and proc_alive(record.supervisor_pid, record.supervisor_start):
-        kill_quietly(record.supervisor_pid)
-    wait_gone([p for p in [record.supervisor_pid] if p], 5)
+    wait_gone(pids, 5)
 
 
 def stray_pids(names: set[str] | None) -> list[int]:
@@ -819,10 +847,26 @@ def stray_pids(names: set[str] | None) -> list[int]:
     return found
 
 
-def _remove_node_resources(name: str, address: str | None) -> None:
+def _remove_node_resources(name: str, address: str | None, cgroup: str | None = None) -> None:
+    kill_node_processes(name)
     remove_node_network(name, address)
     if node_dir(name).exists():
         remove_tree(node_dir(name))
+    if cgroup:
+        remove_cgroup(Path(cgroup))
+
+
+def remove_cgroup(group: Path) -> None:
+    # Just-killed tasks may linger a moment in the group (rmdir: EBUSY).
+    for _ in range(20):
+        try:
+            group.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.1)
+    print(f"testnode: warning: could not remove cgroup {group}", file=sys.stderr)
 
 
 def down(name: str, *, log: Any = print) -> bool:
@@ -838,16 +882,22 @@ def down(name: str, *, log: Any = print) -> bool:
         return False
     _stop_processes(record)
     with host_lock():
-        _remove_node_resources(name, record.address)
+        _remove_node_resources(name, record.address, record.cgroup)
         _teardown_if_last()
-    base = Path(record.state_dir)
-    if testnodes_state(base).is_dir():
-        with state_lock(base):
-            update_known_hosts(known_hosts_path(base), record.address, [])
-        (testnodes_state(base) / f"{name}.password").unlink(missing_ok=True)
-        write_inventory(base)
+    _forget_in_state(record)
     log(f"{name} is down")
     return True
+
+
+def _forget_in_state(record: NodeRecord) -> None:
+    """Drop a removed node from its checkout's known_hosts, passwords and inventory."""
+    base = Path(record.state_dir)
+    if not testnodes_state(base).is_dir():
+        return
+    with state_lock(base):
+        update_known_hosts(known_hosts_path(base), record.address, [])
+    (testnodes_state(base) / f"{record.name}.password").unlink(missing_ok=True)
+    write_inventory(base)
 
 
 def _teardown_if_last() -> None:
@@ -931,6 +981,10 @@ def gc(log: Any = print) -> list[str]:
                 _stop_processes(record)
                 live.discard(record.name)
                 removed.append(f"orphaned node {record.name} (state {record.state_dir} is gone)")
+        dead = [r for r in records if r.name not in live]
+        for record in dead:
+            _remove_node_resources(record.name, record.address, record.cgroup)
+            removed.append(f"node {record.name} ({record.address})")
         for pid in stray_pids(None):
             node = _node_of_pid(pid)
             if node not in live:
@@ -951,14 +1005,23 @@ def gc(log: Any = print) -> list[str]:
         if base.is_dir():
             for entry in sorted(base.iterdir()):
                 if entry.is_dir() and entry.name not in live:
+                    kill_node_processes(entry.name)
                     remove_tree(entry)
                     removed.append(f"node dir {entry}")
+        group = memory_cgroup("x")
+        if group is not None and group.parent.is_dir():
+            for stale in group.parent.glob("sdnode-*"):
+                if stale.name.removeprefix("sdnode-") not in live:
+                    remove_cgroup(stale)
+                    removed.append(f"cgroup {stale}")
         if not live:
             had_shared = link_exists(BRIDGE) or ip_forward_saved().exists() or run(
                 ["nft", "list", "table", "inet", NFT_TABLE], check=False).returncode == 0
             teardown_shared_network()
             if had_shared:
                 removed.append(f"bridge {BRIDGE}, table inet {NFT_TABLE}, ip_forward restored")
+    for record in dead:
+        _forget_in_state(record)
     for item in removed:
         log(f"removed {item}")
     if not removed:
@@ -1033,7 +1096,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("host-setup", help="install the host packages test nodes need (root)")
     p = sub.add_parser("_supervise", help=argparse.SUPPRESS)
     p.add_argument("name")
-    p.add_argument("--memory-bytes", type=int)
+    p.add_argument("memory_bytes", type=int, help="0: no limit")
     p.add_argument("argv", nargs=argparse.REMAINDER)
     return parser
 
