@@ -750,8 +750,8 @@ def wait_ready(record: NodeRecord, base: Path, timeout: float = READY_TIMEOUT_S)
 
 
 def up(name: str, *, password_login: bool = False, memory: int | None = None, log: Any = print) -> NodeRecord:
-    require_root("up")
     validate_name(name)
+    require_root("up")
     require_host_tools()
     base = state_dir()
     tarball = ensure_rootfs_tarball(log)
@@ -871,8 +871,8 @@ def remove_cgroup(group: Path) -> None:
 
 def down(name: str, *, log: Any = print) -> bool:
     """Stop a node and remove everything it made; True if there was a node. Idempotent."""
-    require_root("down")
     validate_name(name)
+    require_root("down")
     record = load_record(name)
     if record is None:
         with host_lock():
