@@ -1,0 +1,576 @@
+"""`sdnode`: day-2 commands for a deployed fleet, over SSH, from the same inventory as the playbooks.
+
+Exit status: 0 all good; 1 something is unhealthy, failed or differs; 2 the command could not run
+(bad inventory, unreachable node where one was required, bad option).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import logging
+import os
+import re
+import shlex
+import sys
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any, TypeVar
+
+from rich import box
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from sdnode.day2 import Day2Error
+from sdnode.day2.bootstrap import bootstrap
+from sdnode.day2.grid import make_grid
+from sdnode.day2.inventory import Node, default_inventory, find_host, load_nodes
+from sdnode.day2.keys import fleet_key_path, generate_key_pair, read_public_key
+from sdnode.day2.manifest import DEFAULT_IGNORE, diff_manifests
+from sdnode.day2.metrics import fmt_number
+from sdnode.day2.remote import NodeSession
+from sdnode.day2.service import discover, need_token, node_status, read_manifest
+from sdnode.day2.smoke import DEFAULT_PROMPT, DEFAULT_SEED, SmokeResult, generate, parse_size, request_body
+from sdnode.state import state_dir
+
+EXIT_OK, EXIT_BAD, EXIT_ERROR = 0, 1, 2
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def console(stderr: bool = False) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    # Off a terminal (CI logs, pipes) rich would wrap tables at 80 columns; logs are read wide.
+    return Console(file=stream, highlight=False, width=None if stream.isatty() else 200)
+
+
+def state() -> Path:
+    try:
+        return state_dir()
+    except RuntimeError as exc:
+        raise Day2Error(str(exc)) from None
+
+
+def parallel(func: Callable[[T], R], items: Iterable[T], workers: int = 16) -> list[R]:
+    """func over items in threads (nodes are independent; SSH round trips dominate), results in order."""
+    items = list(items)
+    if not items:
+        return []
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        return list(pool.map(func, items))
+
+
+# --------------------------------------------------------------------------------------------------
+# keys
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    private = fleet_key_path(state())
+    public, line = generate_key_pair(private, force=args.force)
+    print(f"private key: {private} (0600)")
+    print(f"public key:  {public}")
+    print(line)
+    print(
+        "next: `sdnode bootstrap HOST` on password-only nodes, or put the public key in the node's "
+        f"authorized_keys; then set ansible_ssh_private_key_file: {private} in the inventory"
+    )
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------
+# bootstrap
+
+
+def read_password(path: str | None, who: str) -> str:
+    if path == "-":
+        text = sys.stdin.readline()
+    elif path:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise Day2Error(f"--password-file {path}: {exc.strerror}") from None
+    elif sys.stdin.isatty():
+        text = getpass.getpass(f"password for {who}: ")
+    else:
+        raise Day2Error(
+            "no password: pass --password-file FILE (or - for stdin), or run on a terminal to be asked"
+        )
+    password = text.rstrip("\r\n")
+    if not password:
+        raise Day2Error("the password is empty")
+    return password
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    private = Path(args.key).expanduser() if args.key else fleet_key_path(state())
+    public_line = read_public_key(private)
+    if not private.exists():
+        raise Day2Error(f"no private key at {private}; create the fleet key with `sdnode keys`")
+    node = find_host(args.inventory, args.host)
+    if node is None:
+        print(
+            f"note: {args.host} is not in inventory {args.inventory}; taking it as an address",
+            file=sys.stderr,
+        )
+        node = Node(name=args.host, address=args.host, port=args.port or 22, user=args.user or "root")
+    else:
+        node = Node(
+            name=node.name,
+            address=node.address,
+            port=args.port or node.port,
+            user=args.user or node.user,
+            known_hosts=node.known_hosts,
+            become=node.become,
+            accelerator=node.accelerator,
+            port_base=node.port_base,
+            vars=node.vars,
+        )
+    if args.known_hosts:
+        node = Node(
+            name=node.name,
+            address=node.address,
+            port=node.port,
+            user=node.user,
+            known_hosts=(Path(args.known_hosts).expanduser(),),
+        )
+    accept_new = None
+    if args.accept_new_host_key:
+        accept_new = node.known_hosts[0] if node.known_hosts else Path("~/.ssh/known_hosts").expanduser()
+    password = read_password(args.password_file, f"{node.user}@{node.address}")
+    steps = bootstrap(node, password, private, public_line, accept_new=accept_new)
+    changed = sum(step.changed for step in steps)
+    print(
+        f"{node.name}: bootstrapped ({changed} change{'s' if changed != 1 else ''}); "
+        f"log in with: ssh -i {private} -p {node.port} {node.user}@{node.address}"
+    )
+    if node.key_file is not None and node.key_file != private:
+        print(
+            f"note: the inventory uses {node.key_file} for {node.name}; "
+            f"set ansible_ssh_private_key_file: {private}"
+        )
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------
+# status
+
+
+def status_table(results: list[Any]) -> Table:
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in (
+        "NODE",
+        "INST",
+        "REACHABLE",
+        "DRIVER",
+        "GPUS",
+        "SERVICE",
+        "READY",
+        "QUEUE",
+        "IMAGES",
+        "MODEL",
+    ):
+        table.add_column(
+            column, no_wrap=True, justify="right" if column in ("INST", "GPUS", "QUEUE", "IMAGES") else "left"
+        )
+
+    def mark(ok: bool, text: str) -> str:
+        return f"[green]{text}[/]" if ok else f"[bold red]{text}[/]"
+
+    for r in results:
+        gpus = "-" if r.gpus is None else str(r.gpus)
+        if not r.reachable or not r.instances:
+            table.add_row(
+                r.node,
+                "-",
+                mark(r.reachable, "yes" if r.reachable else "no"),
+                r.driver,
+                gpus,
+                mark(False, "-" if not r.reachable else "none"),
+                "-",
+                "-",
+                "-",
+                "-",
+            )
+            continue
+        for inst in r.instances:
+            table.add_row(
+                r.node,
+                str(inst.instance),
+                mark(True, "yes"),
+                r.driver,
+                gpus,
+                mark(inst.service == "active", inst.service),
+                mark(inst.ready == "yes", inst.ready),
+                fmt_number(inst.queue_depth),
+                fmt_number(inst.images),
+                inst.model,
+            )
+    return table
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    nodes = load_nodes(args.inventory, args.limit)
+    st = state()
+    results = parallel(lambda n: node_status(n, st), nodes)
+    unhealthy = [r for r in results if not r.healthy]
+    if args.json:
+        print(json.dumps([r.as_dict() for r in results], indent=2))
+        return EXIT_BAD if unhealthy else EXIT_OK
+    out = console()
+    out.print(status_table(results))
+    for r in results:
+        if r.error:
+            out.print(f"[bold red]{r.node}[/]: {r.error}")
+    healthy = len(results) - len(unhealthy)
+    summary = f"{healthy}/{len(results)} node{'s' if len(results) != 1 else ''} healthy"
+    out.print(
+        f"[green]{summary}[/]"
+        if not unhealthy
+        else f"[bold red]{summary}[/]: {', '.join(r.node for r in unhealthy)}"
+    )
+    return EXIT_BAD if unhealthy else EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------
+# logs
+
+RELATIVE_SINCE = re.compile(r"^\d+\s*(s|sec|m|min|h|hour|hours|d|day|days|w|week|weeks)$")
+
+
+def journal_since(since: str) -> str:
+    """`1h` -> `1h ago` (journalctl's relative form); anything else (a date, `today`) as given."""
+    since = since.strip()
+    return f"{since} ago" if RELATIVE_SINCE.match(since) else since
+
+
+def journal_command(since: str, lines: int | None) -> str:
+    argv = [
+        "journalctl",
+        "--no-pager",
+        "--quiet",
+        "-o",
+        "short-iso",
+        "-u",
+        "sdserve@*",
+        "--since",
+        journal_since(since),
+    ]
+    if lines is not None:
+        argv += ["-n", str(lines)]
+    return shlex.join(argv)
+
+
+def fetch_journal(node: Node, command: str) -> tuple[Node, list[str], str]:
+    try:
+        with NodeSession(node) as session:
+            rc, out, err = session.run(command, sudo=True, timeout=300)
+    except Day2Error as exc:
+        return node, [], str(exc)
+    if rc != 0 and "No data available" in err:
+        return node, [], ""  # journalctl's answer when no unit matching sdserve@* ever logged
+    if rc != 0:
+        return node, [], f"{node.name}: journalctl failed (rc={rc}): {(err.strip().splitlines() or [''])[-1]}"
+    return node, out.splitlines(), ""
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    limit = args.limit
+    if args.host:
+        limit = f"{args.host}:&{limit}" if limit else args.host
+    nodes = load_nodes(args.inventory, limit)
+    command = journal_command(args.since, args.lines)
+    failures = 0
+    width = max(len(n.name) for n in nodes)
+    for node, lines, error in parallel(lambda n: fetch_journal(n, command), nodes):
+        if error:
+            failures += 1
+            print(f"sdnode: {error}", file=sys.stderr)
+            continue
+        if not lines:
+            print(f"{node.name:<{width}} | (no sdserve entries since {args.since})")
+        for line in lines:
+            print(f"{node.name:<{width}} | {line}")
+    return EXIT_BAD if failures else EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------
+# smoke
+
+
+def cmd_smoke(args: argparse.Namespace) -> int:
+    if args.size:
+        parse_size(args.size)
+    if args.steps is not None and args.steps < 1:
+        raise Day2Error("--steps must be at least 1")
+    nodes = load_nodes(args.inventory, args.limit)
+    st = state()
+    out_dir = st / "smoke"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    body = request_body(args.prompt, args.seed, args.size, args.steps)
+
+    # Connect and find the instances first, so the progress bar knows the total.
+    def prepare(node: Node) -> tuple[Node, NodeSession | None, list[int], str | None, str]:
+        try:
+            session = NodeSession(node).open()
+        except Day2Error as exc:
+            return node, None, [], None, str(exc)
+        try:
+            return node, session, discover(session).instances, need_token(st, node), ""
+        except Day2Error as exc:
+            session.close()
+            return node, None, [], None, str(exc)
+
+    prepared = parallel(prepare, nodes)
+    results: list[SmokeResult] = []
+    for node, session, _, _, error in prepared:
+        if session is None:
+            results.append(SmokeResult(f"{node.name}-?", False, 0.0, error.removeprefix(f"{node.name}: ")))
+    jobs = [(session, n, token) for _, session, instances, token, _ in prepared if session for n in instances]
+    tty = sys.stdout.isatty()
+    started = time.monotonic()
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, min(64, len(jobs)))) as pool:
+            futures = [pool.submit(generate, s, n, t, body, out_dir, args.timeout) for s, n, t in jobs]
+            progress = Progress(
+                TextColumn("smoke"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("{task.description}"),
+                disable=not tty,
+            )
+            with progress:
+                task = progress.add_task("", total=len(futures))
+                for done, future in enumerate(as_completed(futures), 1):
+                    result = future.result()
+                    results.append(result)
+                    line = (
+                        f"{result.label} ok in {result.seconds:.1f}s -> {result.detail}"
+                        if result.ok
+                        else f"{result.label} FAILED after {result.seconds:.1f}s: {result.detail}"
+                    )
+                    progress.update(task, advance=1, description=result.label)
+                    if tty:
+                        progress.console.print(
+                            ("[green]" if result.ok else "[bold red]") + line + "[/]", highlight=False
+                        )
+                    else:
+                        print(f"[{done}/{len(futures)}] {line}", flush=True)
+    finally:
+        for _, session, *_ in prepared:
+            if session is not None:
+                session.close()
+    for r in results:
+        if not r.ok and r.label.endswith("-?"):
+            print(f"{r.label[:-2]} FAILED: {r.detail}")
+    results.sort(key=lambda r: r.label)
+    ok = [r for r in results if r.ok]
+    if results:
+        grid = out_dir / "grid.png"
+        make_grid([(r.label, r.image) for r in results]).save(grid)
+        print(f"grid: {grid}")
+    print(
+        f"{len(ok)}/{len(results)} instance{'s' if len(results) != 1 else ''} generated in "
+        f"{time.monotonic() - started:.1f}s; images in {out_dir}"
+    )
+    return EXIT_OK if results and len(ok) == len(results) else EXIT_BAD
+
+
+# --------------------------------------------------------------------------------------------------
+# diff-manifests
+
+
+def load_cached_manifest(st: Path, node: Node) -> dict[str, Any]:
+    path = st / "manifests" / f"{node.name}.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise Day2Error(
+            f"{node.name}: no cached manifest at {path} (the deploy fetches it; or drop --cached)"
+        ) from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise Day2Error(f"{node.name}: cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise Day2Error(f"{node.name}: {path} is not a JSON object")
+    return data
+
+
+def fetch_manifest(node: Node) -> dict[str, Any]:
+    with NodeSession(node) as session:
+        return read_manifest(session)
+
+
+def cmd_diff_manifests(args: argparse.Namespace) -> int:
+    nodes = load_nodes(args.inventory, args.limit)
+    st = state()
+
+    def get(node: Node) -> tuple[str, dict[str, Any] | None, str]:
+        try:
+            data = load_cached_manifest(st, node) if args.cached else fetch_manifest(node)
+            return node.name, data, ""
+        except Day2Error as exc:
+            return node.name, None, str(exc)
+
+    fetched = parallel(get, nodes)
+    errors = [error for _, data, error in fetched if data is None]
+    if errors:
+        for error in errors:
+            print(f"sdnode: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    ignore = () if args.all else DEFAULT_IGNORE + tuple(args.ignore)
+    diff = diff_manifests({name: data for name, data, _ in fetched}, ignore)
+    source = "cached" if args.cached else "live"
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "hosts": diff.hosts,
+                    "identical": diff.identical,
+                    "compared": diff.compared,
+                    "ignored": diff.ignored,
+                    "differences": {k: dict(zip(diff.hosts, v, strict=True)) for k, v in diff.rows},
+                },
+                indent=2,
+            )
+        )
+        return EXIT_OK if diff.identical else EXIT_BAD
+    out = console()
+    if len(diff.hosts) == 1:
+        out.print(f"only one manifest ({diff.hosts[0]}, {source}); nothing to compare it with")
+        return EXIT_OK
+    if diff.identical:
+        out.print(
+            f"[green]{len(diff.hosts)} manifests identical[/] ({source}; {diff.compared} keys compared, "
+            f"ignored: {', '.join(diff.ignored) or 'none'})"
+        )
+        return EXIT_OK
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("KEY", no_wrap=True)
+    for host in diff.hosts:
+        table.add_column(host, overflow="fold")
+    for key, values in diff.rows:
+        table.add_row(key, *values)
+    out.print(table)
+    out.print(
+        f"[bold red]{len(diff.rows)} of {diff.compared} keys differ[/] "
+        f"between {len(diff.hosts)} manifests ({source})"
+    )
+    return EXIT_BAD
+
+
+# --------------------------------------------------------------------------------------------------
+# command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-i",
+        "--inventory",
+        default=default_inventory(),
+        help="Ansible inventory (default: $SDNODE_INVENTORY or ./inventory)",
+    )
+    common.add_argument("--limit", metavar="PATTERN", help="Ansible host pattern to narrow the sdnodes group")
+
+    parser = argparse.ArgumentParser(
+        prog="sdnode",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit status: 0 all good; 1 unhealthy, failed or different; 2 could not run",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "keys", parents=[common], help="generate the fleet's ed25519 SSH key pair in $STATE/keys"
+    )
+    p.add_argument(
+        "--force", action="store_true", help="replace an existing pair (nodes trusting it get locked out)"
+    )
+    p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser(
+        "bootstrap",
+        parents=[common],
+        help="password-only node -> key-only: install the fleet key, prove it, turn passwords off",
+    )
+    p.add_argument("host", metavar="HOST", help="an inventory host or an address")
+    p.add_argument("--user", help="login user (default: the inventory's ansible_user, else root)")
+    p.add_argument("--port", type=int, help="SSH port (default: the inventory's, else 22)")
+    p.add_argument(
+        "--password-file", metavar="FILE", help="read the password from FILE (- for stdin); default: ask"
+    )
+    p.add_argument(
+        "--key", metavar="PRIVATE_KEY", help="key pair to install (default: $STATE/keys/sdnode_ed25519)"
+    )
+    p.add_argument(
+        "--known-hosts",
+        metavar="FILE",
+        help="known_hosts to check the node against "
+        "(default: the inventory's UserKnownHostsFile, else ~/.ssh/known_hosts)",
+    )
+    p.add_argument(
+        "--accept-new-host-key",
+        action="store_true",
+        help="record an unknown host key (a changed one is still refused); check its fingerprint",
+    )
+    p.set_defaults(func=cmd_bootstrap)
+
+    p = sub.add_parser(
+        "status", parents=[common], help="per node and instance: reachable, driver, service, ready, figures"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "logs", parents=[common], help="the sdserve@* journal of one or all nodes, prefixed with the host"
+    )
+    p.add_argument("host", metavar="HOST", nargs="?", help="one inventory host (or pattern); default: all")
+    p.add_argument("--since", default="1h", help="how far back: 30min, 1h, 2d, or a date (default: 1h)")
+    p.add_argument("-n", "--lines", type=int, help="at most this many lines per node (the newest)")
+    p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser(
+        "smoke", parents=[common], help="one generation on every instance at once; images and a grid"
+    )
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    p.add_argument("--size", help="WxH, e.g. 512x512 (default: the model's native size)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the service's)")
+    p.add_argument("--timeout", type=float, default=600, help="seconds to wait for each image (default: 600)")
+    p.set_defaults(func=cmd_smoke)
+
+    p = sub.add_parser("diff-manifests", parents=[common], help="what differs between the nodes' manifests")
+    p.add_argument(
+        "--cached", action="store_true", help="compare $STATE/manifests/<host>.json, fetched by the deploy"
+    )
+    p.add_argument(
+        "--ignore", action="append", default=[], metavar="GLOB", help="also ignore keys matching GLOB"
+    )
+    p.add_argument("--all", action="store_true", help="compare every key, even time stamps and host names")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_diff_manifests)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Paramiko logs transport failures with tracebacks; the one-line errors below say it better.
+    logging.getLogger("paramiko").addHandler(logging.NullHandler())
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Day2Error as exc:
+        if os.environ.get("SDNODE_DEBUG") == "1":
+            raise
+        print(f"sdnode: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("sdnode: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""SSH to a node (Fabric over Paramiko, host keys checked against the inventory's known_hosts) and HTTP to
+the node's service over that SSH connection: a direct-tcpip channel to the node's loopback per request, so
+the service needs no open port and the node needs no curl."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import httpcore
+import paramiko
+from fabric import Config, Connection
+from invoke.exceptions import CommandTimedOut
+
+from sdnode.day2 import Day2Error
+from sdnode.day2.inventory import Node
+
+SYSTEM_KNOWN_HOSTS = (Path("~/.ssh/known_hosts").expanduser(), Path("/etc/ssh/ssh_known_hosts"))
+CONNECT_TIMEOUT_S = 15.0
+
+
+def host_key_client(known_hosts: tuple[Path, ...] | list[Path]) -> paramiko.SSHClient:
+    """An SSHClient that knows only the host keys in `known_hosts` (OpenSSH's default files when empty)
+    and refuses any host it does not know: no trust on first use."""
+    client = paramiko.SSHClient()
+    files = list(known_hosts) or [p for p in SYSTEM_KNOWN_HOSTS if p.exists()]
+    for path in files:
+        if path.exists():
+            try:
+                client.get_host_keys().load(str(path))
+            except (OSError, paramiko.SSHException) as exc:
+                raise Day2Error(f"cannot read known_hosts file {path}: {exc}") from None
+    client.set_missing_host_key_policy(paramiko.RejectPolicy())
+    return client
+
+
+def describe_connect_error(node: Node, exc: BaseException) -> str:
+    """One line saying why the SSH connection to `node` failed and what to look at."""
+    where = f"{node.user}@{node.address}:{node.port}"
+    known = ", ".join(map(str, node.known_hosts)) or "~/.ssh/known_hosts"
+    if isinstance(exc, paramiko.BadHostKeyException):
+        return (
+            f"{node.name}: host key of {node.address} does not match {known} "
+            "(node rebuilt, or someone in the middle)"
+        )
+    if isinstance(exc, paramiko.AuthenticationException):
+        key = node.key_file or "the default keys/agent"
+        return f"{node.name}: {where} refused the key {key} ({exc})"
+    if isinstance(exc, paramiko.SSHException) and "known_hosts" in str(exc):
+        return f"{node.name}: host key of {node.address} is not in {known}; add it after checking it"
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return f"{node.name}: cannot reach {where}: timed out"
+    if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
+        return f"{node.name}: cannot reach {where}: connection refused"
+    if isinstance(exc, OSError):
+        return f"{node.name}: cannot reach {where}: {exc.strerror or exc}"
+    return f"{node.name}: SSH to {where} failed: {exc}"
+
+
+class _ChannelStream(httpcore.NetworkStream):
+    def __init__(self, channel: paramiko.Channel) -> None:
+        self._channel = channel
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        self._channel.settimeout(timeout)
+        try:
+            return self._channel.recv(max_bytes)
+        except TimeoutError:
+            raise httpcore.ReadTimeout("no answer from the service in time") from None
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._channel.settimeout(timeout)
+        try:
+            self._channel.sendall(buffer)
+        except TimeoutError:
+            raise httpcore.WriteTimeout("the service did not take the request in time") from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+class _SSHBackend(httpcore.NetworkBackend):
+    """httpcore's network layer with TCP connections made by the node's sshd (direct-tcpip)."""
+
+    def __init__(self, transport: paramiko.Transport) -> None:
+        self._transport = transport
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> httpcore.NetworkStream:
+        try:
+            channel = self._transport.open_channel(
+                "direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=timeout
+            )
+        except paramiko.ChannelException as exc:
+            # sshd answers "Connect failed" when nothing listens, "administratively prohibited" when
+            # AllowTcpForwarding is off.
+            raise httpcore.ConnectError(
+                f"{host}:{port} on the node: {exc.args[-1] if exc.args else exc}"
+            ) from None
+        except (paramiko.SSHException, OSError) as exc:
+            raise httpcore.ConnectError(f"{host}:{port} on the node: {exc}") from None
+        return _ChannelStream(channel)
+
+
+class HTTPResult:
+    def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    @property
+    def text(self) -> str:
+        return self.body.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class NodeSession:
+    """An open SSH connection to one node: commands, files and the service's HTTP API."""
+
+    def __init__(self, node: Node, connect_timeout: float = CONNECT_TIMEOUT_S) -> None:
+        self.node = node
+        if node.key_file is not None and not node.key_file.exists():
+            raise Day2Error(f"{node.name}: ansible_ssh_private_key_file {node.key_file} does not exist")
+        for path in node.known_hosts:
+            if not path.exists():
+                raise Day2Error(
+                    f"{node.name}: known_hosts file {path} (from ansible_ssh_common_args) does not exist"
+                )
+        connect_kwargs: dict[str, Any] = {"banner_timeout": connect_timeout, "auth_timeout": connect_timeout}
+        if node.key_file is not None:
+            # Only the inventory's key, as ansible does with IdentitiesOnly; no agent, no ~/.ssh keys.
+            connect_kwargs.update(key_filename=str(node.key_file), look_for_keys=False, allow_agent=False)
+        self.connection = Connection(
+            host=node.address,
+            user=node.user,
+            port=node.port,
+            # An explicit empty SSHConfig: the inventory decides, not ~/.ssh/config.
+            config=Config(ssh_config=paramiko.SSHConfig()),
+            connect_timeout=connect_timeout,
+            connect_kwargs=connect_kwargs,
+        )
+        # Fabric's own client auto-adds unknown host keys; ours rejects them.
+        self.connection.client = host_key_client(node.known_hosts)
+        self._pool: httpcore.ConnectionPool | None = None
+
+    def open(self) -> NodeSession:
+        try:
+            self.connection.open()
+        except Exception as exc:
+            self.close()
+            raise Day2Error(describe_connect_error(self.node, exc)) from None
+        return self
+
+    def __enter__(self) -> NodeSession:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+        self.connection.close()
+
+    def run(self, command: str, *, sudo: bool = False, timeout: float | None = 120) -> tuple[int, str, str]:
+        """Run `command` on the node (as root via sudo -n when `sudo` and the inventory says become)."""
+        if sudo:
+            command = self.node.sudo(command)
+        try:
+            result = self.connection.run(command, hide=True, warn=True, in_stream=False, timeout=timeout)
+        except CommandTimedOut:
+            raise Day2Error(f"{self.node.name}: `{command}` took over {timeout:.0f} s") from None
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise Day2Error(f"{self.node.name}: lost the SSH connection running `{command}`: {exc}") from None
+        return result.exited, result.stdout, result.stderr
+
+    def http(
+        self,
+        method: str,
+        port: int,
+        path: str,
+        *,
+        token: str | None = None,
+        body: Any = None,
+        timeout: float = 30.0,
+        host: str = "127.0.0.1",
+    ) -> HTTPResult:
+        """One HTTP request to `host`:`port` as seen from the node (its loopback by default); raises
+        Day2Error when it cannot be made. An HTTP error status is a result, not an exception."""
+        if self._pool is None:
+            transport = self.connection.transport
+            if transport is None or not transport.is_active():
+                raise Day2Error(f"{self.node.name}: not connected")
+            self._pool = httpcore.ConnectionPool(network_backend=_SSHBackend(transport), max_connections=32)
+        headers = [("Accept", "*/*")]
+        content = b""
+        if token:
+            headers.append(("Authorization", f"Bearer {token}"))
+        if body is not None:
+            content = json.dumps(body).encode()
+            headers.append(("Content-Type", "application/json"))
+        try:
+            response = self._pool.request(
+                method,
+                f"http://{f'[{host}]' if ':' in host else host}:{port}{path}",
+                headers=headers,
+                content=content,
+                extensions={"timeout": {"connect": 15.0, "read": timeout, "write": 30.0, "pool": timeout}},
+            )
+        except httpcore.TimeoutException:
+            raise Day2Error(
+                f"{self.node.name}: {method} {path} on port {port}: no answer in {timeout:.0f} s"
+            ) from None
+        except httpcore.ConnectError as exc:
+            raise Day2Error(f"{self.node.name}: {method} {path}: cannot connect to {exc}") from None
+        except httpcore.NetworkError as exc:
+            raise Day2Error(f"{self.node.name}: {method} {path} on port {port}: {exc}") from None
+        except httpcore.ProtocolError as exc:
+            raise Day2Error(
+                f"{self.node.name}: {method} {path} on port {port}: bad HTTP answer: {exc}"
+            ) from None
+        decoded = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in response.headers}
+        return HTTPResult(response.status, decoded, response.content)

@@ -1,0 +1,344 @@
+"""sdnode's pure parts: metrics, manifest diff, grid, keys, smoke answers, journal and unit parsing."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import paramiko
+import pytest
+from PIL import Image
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from sdnode.cli import journal_command, journal_since
+from sdnode.day2 import Day2Error
+from sdnode.day2.bootstrap import authorized_keys_script
+from sdnode.day2.grid import LABEL_HEIGHT, PAD, grid_shape, make_grid, tile_origin
+from sdnode.day2.inventory import node_from_vars
+from sdnode.day2.keys import generate_key_pair, read_public_key
+from sdnode.day2.manifest import MISSING, diff_manifests, flatten
+from sdnode.day2.metrics import fmt_number, parse_figures
+from sdnode.day2.service import model_label, parse_driver, parse_units, probe_host
+from sdnode.day2.smoke import decode_png, error_detail, parse_size, request_body
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+
+
+def service_like_metrics(queue: int, images_by_key: dict[str, int], ready: int) -> str:
+    """Prometheus text exposed the way sdserve's registry does (same names, types and labels)."""
+    registry = CollectorRegistry()
+    Gauge("sdserve_queue_depth", "Requests waiting", registry=registry).set(queue)
+    images = Counter("sdserve_images", "Images generated", ["key"], registry=registry)
+    for key, count in images_by_key.items():
+        images.labels(key=key).inc(count)
+    Gauge("sdserve_ready", "ready", registry=registry).set(ready)
+    Counter("sdserve_requests", "HTTP requests", ["route"], registry=registry).labels(route="/readyz").inc(7)
+    return generate_latest(registry).decode()
+
+
+def test_figures_sum_images_over_keys() -> None:
+    figures = parse_figures(service_like_metrics(3, {"default": 5, "ops": 2}, 1))
+    assert (figures.queue_depth, figures.images, figures.ready) == (3, 7, 1)
+
+
+def test_figures_absent_when_not_exported() -> None:
+    figures = parse_figures("# TYPE other gauge\nother 1\n")
+    assert (figures.queue_depth, figures.images, figures.ready) == (None, None, None)
+
+
+def test_metrics_that_are_not_prometheus_text_raise() -> None:
+    with pytest.raises(ValueError):
+        parse_figures("<html>502 Bad Gateway</html>\n")
+
+
+@pytest.mark.parametrize("value, text", [(None, "-"), (3.0, "3"), (0.0, "0"), (2.25, "2.2")])
+def test_fmt_number(value: float | None, text: str) -> None:
+    assert fmt_number(value) == text
+
+
+# ---------------------------------------------------------------------------------------------
+# manifests
+
+MANIFEST = {
+    "accelerator": "nvidia",
+    "driver": "550.127.05",
+    "host": "gpu1",
+    "kernel": "6.1.0-27-amd64",
+    "kit_version": "0.1.0",
+    "model": {
+        "id": "sd15",
+        "revision": "abc123",
+        "checksums_sha256": "f" * 64,
+        "path": "/var/lib/sdserve/models/sd15",
+    },
+    "instances": ["sdserve@0", "sdserve@1"],
+    "release_id": "r-0001",
+    "service": {"versions": {"torch": "2.13.0", "diffusers": "0.36.0"}, "built_at": "2026-11-29T01:00:00Z"},
+}
+
+
+def changed(**updates: object) -> dict:
+    import copy
+
+    manifest = copy.deepcopy(MANIFEST)
+    for dotted, value in updates.items():
+        target = manifest
+        *parents, leaf = dotted.split("__")
+        for part in parents:
+            target = target[part]
+        target[leaf] = value
+    return manifest
+
+
+def test_identical_manifests_of_different_hosts() -> None:
+    diff = diff_manifests(
+        {"gpu1": MANIFEST, "gpu2": changed(host="gpu2", service__built_at="2026-11-30T00:00:00Z")}
+    )
+    assert diff.identical
+    assert "host" in diff.ignored and "service.built_at" in diff.ignored
+    assert diff.compared == len(flatten(MANIFEST)) - 2
+
+
+def test_one_changed_field_is_the_only_row() -> None:
+    diff = diff_manifests({"gpu1": MANIFEST, "gpu2": changed(model__checksums_sha256="0" * 64)})
+    assert not diff.identical
+    assert diff.rows == [("model.checksums_sha256", ["f" * 64, "0" * 64])]
+
+
+def test_rows_put_what_decides_the_image_first() -> None:
+    other = changed(
+        kernel="6.1.0-28-amd64", driver="550.144.03", service__versions__torch="2.14.0", release_id="r-0002"
+    )
+    keys = [k for k, _ in diff_manifests({"a": MANIFEST, "b": other}).rows]
+    assert keys == ["release_id", "driver", "service.versions.torch", "kernel"]
+
+
+def test_a_key_on_one_side_only_differs() -> None:
+    other = changed()
+    del other["driver"]
+    assert diff_manifests({"a": MANIFEST, "b": other}).rows == [("driver", ["550.127.05", MISSING])]
+
+
+def test_no_ignore_compares_hosts_too() -> None:
+    diff = diff_manifests({"gpu1": MANIFEST, "gpu2": changed(host="gpu2")}, ignore=())
+    assert diff.rows == [("host", ["gpu1", "gpu2"])]
+
+
+def test_flatten_lists_and_scalars() -> None:
+    assert flatten({"a": [1, 2], "b": [{"c": None}], "d": {}, "e": True}) == {
+        "a": "[1, 2]",
+        "b[0].c": "null",
+        "d": "{}",
+        "e": "true",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# grid
+
+
+@pytest.mark.parametrize(
+    "count, shape",
+    [(1, (1, 1)), (2, (2, 1)), (3, (2, 2)), (4, (2, 2)), (5, (3, 2)), (8, (3, 3)), (10, (4, 3))],
+)
+def test_grid_shape(count: int, shape: tuple[int, int]) -> None:
+    columns, rows = grid_shape(count)
+    assert (columns, rows) == shape
+    assert columns * rows >= count and columns * (rows - 1) < count
+
+
+def test_grid_shape_refuses_nothing() -> None:
+    with pytest.raises(ValueError):
+        grid_shape(0)
+
+
+def test_grid_places_each_tile_and_its_label() -> None:
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    tiles = [(f"n{i}-0", Image.new("RGB", (128, 128), c)) for i, c in enumerate(colours)] + [("n9-0", None)]
+    sheet = make_grid(tiles)
+    cell = (128 + PAD, 128 + LABEL_HEIGHT + PAD)
+    assert sheet.size == (PAD + 2 * cell[0], PAD + 2 * cell[1])
+    for index, colour in enumerate(colours):
+        x, y = tile_origin(index, 2, cell)
+        assert sheet.getpixel((x + 64, y + 64)) == colour
+        # Something was drawn in the label strip (text pixels differ from the background).
+        strip = sheet.crop((x, y + 128, x + 128, y + 128 + LABEL_HEIGHT))
+        assert len(strip.getcolors(maxcolors=1 << 16)) > 1
+    x, y = tile_origin(3, 2, cell)
+    assert sheet.getpixel((x + 64, y + 64)) == (24, 24, 24)  # failed instance: an empty tile
+
+
+def test_grid_of_small_images_keeps_room_for_labels() -> None:
+    sheet = make_grid([("a-very-long-node-name-0", Image.new("RGB", (64, 64), (255, 255, 255)))])
+    assert sheet.width >= 96 + PAD
+
+
+# ---------------------------------------------------------------------------------------------
+# keys
+
+
+def test_generated_pair_is_private_loadable_and_matching(tmp_path: Path) -> None:
+    private = tmp_path / "keys" / "sdnode_ed25519"
+    public, line = generate_key_pair(private)
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    assert stat.S_IMODE(private.parent.stat().st_mode) == 0o700
+    assert public.read_text() == line + "\n"
+    key = paramiko.Ed25519Key.from_private_key_file(str(private))
+    assert line.split()[:2] == [key.get_name(), key.get_base64()]
+    assert read_public_key(private) == line
+    # OpenSSH agrees on the public half.
+    derived = subprocess.run(
+        ["ssh-keygen", "-y", "-f", str(private)], capture_output=True, text=True, check=True
+    )
+    assert derived.stdout.split()[:2] == line.split()[:2]
+
+
+def test_existing_pair_is_kept_without_force(tmp_path: Path) -> None:
+    private = tmp_path / "sdnode_ed25519"
+    _, first = generate_key_pair(private)
+    with pytest.raises(Day2Error, match="--force"):
+        generate_key_pair(private)
+    assert read_public_key(private) == first
+    _, second = generate_key_pair(private, force=True)
+    assert second != first and read_public_key(private) == second
+
+
+def test_missing_public_key_says_how_to_make_one(tmp_path: Path) -> None:
+    with pytest.raises(Day2Error, match="sdnode keys"):
+        read_public_key(tmp_path / "sdnode_ed25519")
+
+
+# ---------------------------------------------------------------------------------------------
+# authorized_keys (the script bootstrap runs on the node, run here against a scratch HOME)
+
+
+def run_script(home: Path, line: str) -> str:
+    return subprocess.run(
+        ["sh", "-c", authorized_keys_script(line)],
+        env={**os.environ, "HOME": str(home)},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
+def test_authorized_keys_added_once_and_private(tmp_path: Path) -> None:
+    line = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKey sdnode-fleet"
+    ssh = tmp_path / ".ssh"
+    ssh.mkdir(mode=0o755)
+    (ssh / "authorized_keys").write_text("ssh-rsa AAAAB3other admin")  # no final newline
+    assert run_script(tmp_path, line) == "added"
+    assert run_script(tmp_path, line) == "present"
+    assert (ssh / "authorized_keys").read_text() == f"ssh-rsa AAAAB3other admin\n{line}\n"
+    assert stat.S_IMODE(ssh.stat().st_mode) == 0o700
+    assert stat.S_IMODE((ssh / "authorized_keys").stat().st_mode) == 0o600
+
+
+def test_authorized_keys_created_when_absent(tmp_path: Path) -> None:
+    assert run_script(tmp_path, "ssh-ed25519 AAAA k") == "added"
+    assert (tmp_path / ".ssh" / "authorized_keys").read_text() == "ssh-ed25519 AAAA k\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# smoke answers
+
+
+def png_b64(size: tuple[int, int], fmt: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (10, 20, 30)).save(buffer, format=fmt)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_decode_png_checks_format_and_size() -> None:
+    raw, image = decode_png({"data": [{"b64_json": png_b64((64, 48))}]}, (64, 48))
+    assert raw.startswith(b"\x89PNG") and image.size == (64, 48)
+    with pytest.raises(ValueError, match="asked for 64x64"):
+        decode_png({"data": [{"b64_json": png_b64((64, 48))}]}, (64, 64))
+    with pytest.raises(ValueError, match="JPEG"):
+        decode_png({"data": [{"b64_json": png_b64((64, 64), "JPEG")}]}, None)
+    with pytest.raises(ValueError, match="b64_json"):
+        decode_png({"data": []}, None)
+
+
+def test_request_body_leaves_defaults_to_the_service() -> None:
+    assert request_body("p", 1, None, None) == {
+        "prompt": "p",
+        "n": 1,
+        "response_format": "b64_json",
+        "seed": 1,
+    }
+    assert request_body("p", 1, "64x64", 4)["size"] == "64x64"
+
+
+@pytest.mark.parametrize("text", ["64", "64x", "x64", "0x64", "64x64x2", "big"])
+def test_bad_sizes_are_refused(text: str) -> None:
+    with pytest.raises(Day2Error, match="--size"):
+        parse_size(text)
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ('{"detail": "steps: above max_steps (150)"}', "HTTP 422: steps: above max_steps (150)"),
+        ('{"error": {"message": "invalid API key", "type": "auth"}}', "HTTP 401: invalid API key"),
+        ("upstream down", "HTTP 502: upstream down"),
+    ],
+)
+def test_error_detail_uses_the_service_message(body: str, message: str) -> None:
+    assert error_detail(int(message[5:8]), body) == message
+
+
+# ---------------------------------------------------------------------------------------------
+# node facts
+
+
+def test_units_listed_by_systemctl() -> None:
+    text = (
+        "sdserve@0.service loaded active running sdserve text-to-image service, instance 0\n"
+        "sdserve@1.service loaded failed failed sdserve text-to-image service, instance 1\n"
+        "sdserve@12.service loaded inactive dead x\n"
+        "sdserve-other.service loaded active running x\n"
+    )
+    assert parse_units(text) == [0, 1, 12]
+    assert parse_units("") == []
+
+
+def test_driver_and_gpu_count() -> None:
+    assert parse_driver("550.127.05\n550.127.05\n") == ("550.127.05", 2)
+    assert parse_driver("") == ("-", 0)
+
+
+def test_model_label_from_manifest() -> None:
+    assert model_label(MANIFEST) == "sd15@abc123"
+    assert model_label({}) == "-" and model_label(None) == "-"
+
+
+@pytest.mark.parametrize(
+    "listen, probe", [("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "127.0.0.1"), ("10.1.2.3", "10.1.2.3")]
+)
+def test_probe_host_follows_listen_address(listen: str, probe: str) -> None:
+    assert probe_host(node_from_vars("h", {"sd_service_listen_address": listen})) == probe
+
+
+@pytest.mark.parametrize(
+    "since, arg",
+    [
+        ("1h", "1h ago"),
+        ("30min", "30min ago"),
+        ("2 days", "2 days ago"),
+        ("2026-11-29 01:00", "2026-11-29 01:00"),
+        ("today", "today"),
+    ],
+)
+def test_journal_since(since: str, arg: str) -> None:
+    assert journal_since(since) == arg
+
+
+def test_journal_command_quotes_the_unit_glob() -> None:
+    assert journal_command("1h", 50) == (
+        "journalctl --no-pager --quiet -o short-iso -u 'sdserve@*' --since '1h ago' -n 50"
+    )
