@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -345,3 +346,31 @@ def test_gc_cleans_a_killed_run_and_spares_live_nodes(state: Path, ip_forward_be
         run_testnode(state, "down", killed, check=False)
         subprocess.run(["ip", "netns", "delete", tn.netns_name(half)], capture_output=True)
     check_shared_network_after_last(ip_forward_before, {killed, survivor, half})
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_an_interrupted_up_leaves_nothing(state: Path, sig: signal.Signals) -> None:
+    name = node_name("g")
+    proc = subprocess.Popen([TESTNODE, "up", name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "SDNODE_STATE_DIR": str(state)})
+    try:
+        # Interrupt as soon as the node is claimed (boot takes seconds after that).
+        for _ in range(600):
+            record = tn.load_record(name)
+            if record is not None or proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert record is not None and record.status == "creating", proc.communicate()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode != 0, err
+        assert "Traceback" not in err
+        assert tn.load_record(name) is None
+        assert not tn.node_dir(name).exists()
+        assert tn.netns_name(name) not in tn.netns_list()
+        assert tn.veth_name(record.address) not in host_links()
+        assert tn.stray_pids({name}) == []
+    finally:
+        proc.kill()
+        proc.wait()
+        run_testnode(state, "down", name, check=False)

@@ -755,34 +755,17 @@ def up(name: str, *, password_login: bool = False, memory: int | None = None, lo
     require_host_tools()
     base = state_dir()
     tarball = ensure_rootfs_tarball(log)
-    with host_lock():
-        existing = load_record(name)
-        if existing is not None and existing.is_live():
-            if existing.state_dir != str(base):
-                raise TestnodeError(f"node {name} exists and belongs to {existing.state_dir}; pick another "
-                                    "name or `testnode down` it from there")
-            if existing.status == "up":
-                log(f"{name} is already up at {existing.address}")
-                write_inventory(base)
-                return existing
-            raise TestnodeError(f"node {name} is being created by process {existing.owner_pid}")
-        if existing is not None:  # a dead leftover: clear it, then start afresh
-            _remove_node_resources(existing.name, existing.address, existing.cgroup)
-        used = [r.address for r in load_records() if r.name != name and r.is_live()]
-        record = NodeRecord(name=name, address=allocate_address(used), state_dir=str(base),
-                            password_login=password_login, memory=memory, owner_pid=os.getpid(),
-                            owner_start=proc_start_time(os.getpid()))
-        if memory:
-            group = memory_cgroup(name)
-            if group is None:
-                raise TestnodeError("--memory: no memory cgroup controller on this host")
-            record.cgroup = str(group)
-        save_record(record)
-        ensure_key(base)
-        setup_shared_network()
-        setup_node_network(name, record.address)
+    record = _claim(name, base, password_login, memory)
+    if record.status == "up":
+        log(f"{name} is already up at {record.address}")
+        write_inventory(base)
+        return record
     try:
         started = time.monotonic()
+        with host_lock():
+            ensure_key(base)
+            setup_shared_network()
+            setup_node_network(name, record.address)
         password = secrets.token_urlsafe(18) if password_login else None
         host_keys = prepare_rootfs(name, record.address, tarball, base, password)
         pw_file = testnodes_state(base) / f"{name}.password"
@@ -802,9 +785,37 @@ def up(name: str, *, password_login: bool = False, memory: int | None = None, lo
         log(f"{name} is up at {record.address} (systemd {state}, {time.monotonic() - started:.1f} s)")
         return record
     except BaseException:
+        # Interrupted or failed half-way: leave nothing behind (down takes the host lock itself).
         with contextlib.suppress(Exception):
             down(name, log=lambda _msg: None)
         raise
+
+
+def _claim(name: str, base: Path, password_login: bool, memory: int | None) -> NodeRecord:
+    """The node's record: the running one, or a new one with the lowest free address (status creating)."""
+    with host_lock():
+        existing = load_record(name)
+        if existing is not None and existing.is_live():
+            if existing.state_dir != str(base):
+                raise TestnodeError(f"node {name} exists and belongs to {existing.state_dir}; pick another "
+                                    "name or `testnode down` it from there")
+            if existing.status == "up":
+                return existing
+            raise TestnodeError(f"node {name} is being created by process {existing.owner_pid}")
+        if existing is not None:  # a dead leftover: clear it, then start afresh
+            _remove_node_resources(existing.name, existing.address, existing.cgroup)
+        used = [r.address for r in load_records() if r.name != name and r.is_live()]
+        record = NodeRecord(name=name, address=allocate_address(used), state_dir=str(base),
+                            password_login=password_login, memory=memory, owner_pid=os.getpid(),
+                            owner_start=proc_start_time(os.getpid()))
+        if memory:
+            group = memory_cgroup(name)
+            if group is None:
+                raise TestnodeError("--memory: no memory cgroup controller on this host")
+            record.cgroup = str(group)
+        # From here on the address is taken, and a concurrent down or gc keeps the shared network.
+        save_record(record)
+    return record
 
 
 def _stop_processes(record: NodeRecord) -> None:
@@ -1101,8 +1112,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = signal.getsignal(signal.SIGTERM)
+    if args.command != "_supervise":
+        # Killed politely (CI timeouts, pytest-timeout): unwind, so an `up` half-way cleans after itself.
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         return _dispatch(args)
     except TestnodeError as exc:
@@ -1110,6 +1129,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _dispatch(args: argparse.Namespace) -> int:
