@@ -45,6 +45,11 @@ def test_figures_sum_images_over_keys() -> None:
     assert (figures.queue_depth, figures.images, figures.ready) == (3, 7, 1)
 
 
+def test_images_zero_before_the_first_generation() -> None:
+    figures = parse_figures(service_like_metrics(0, {}, 0))
+    assert (figures.queue_depth, figures.images, figures.ready) == (0, 0, 0)
+
+
 def test_figures_absent_when_not_exported() -> None:
     figures = parse_figures("# TYPE other gauge\nother 1\n")
     assert (figures.queue_depth, figures.images, figures.ready) == (None, None, None)
@@ -339,6 +344,5 @@ def test_journal_since(since: str, arg: str) -> None:
 
 
 def test_journal_command_quotes_the_unit_glob() -> None:
-    assert journal_command("1h", 50) == (
-        "journalctl --no-pager --quiet -o short-iso -u 'sdserve@*' --since '1h ago' -n 50"
-    )
+    expected = "journalctl --no-pager --quiet -o short-iso -u 'sdserve@*' --since '1h ago'"
+    assert journal_command("1h") == expected

@@ -247,7 +247,7 @@ def journal_since(since: str) -> str:
     return f"{since} ago" if RELATIVE_SINCE.match(since) else since
 
 
-def journal_command(since: str, lines: int | None) -> str:
+def journal_command(since: str) -> str:
     argv = [
         "journalctl",
         "--no-pager",
@@ -259,8 +259,6 @@ def journal_command(since: str, lines: int | None) -> str:
         "--since",
         journal_since(since),
     ]
-    if lines is not None:
-        argv += ["-n", str(lines)]
     return shlex.join(argv)
 
 
@@ -282,7 +280,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
     if args.host:
         limit = f"{args.host}:&{limit}" if limit else args.host
     nodes = load_nodes(args.inventory, limit)
-    command = journal_command(args.since, args.lines)
+    if args.lines is not None and args.lines < 1:
+        raise Day2Error("--lines must be at least 1")
+    command = journal_command(args.since)
     failures = 0
     width = max(len(n.name) for n in nodes)
     for node, lines, error in parallel(lambda n: fetch_journal(n, command), nodes):
@@ -292,7 +292,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
             continue
         if not lines:
             print(f"{node.name:<{width}} | (no sdserve entries since {args.since})")
-        for line in lines:
+        # journalctl -n counts from --since forwards when both are given; the newest lines are wanted.
+        for line in lines[-args.lines :] if args.lines else lines:
             print(f"{node.name:<{width}} | {line}")
     return EXIT_BAD if failures else EXIT_OK
 

@@ -20,9 +20,13 @@ class ServiceFigures:
 
 
 def sample_sums(text: str) -> dict[str, float]:
-    """Every sample name in `text` with its values summed over all label sets."""
+    """Every sample name in `text` with its values summed over all label sets; a declared family
+    without samples yet (a labelled counter before its first increment) counts as 0."""
     sums: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
+        if not family.samples:
+            suffix = "_total" if family.type == "counter" else ""
+            sums.setdefault(family.name + suffix, 0.0)
         for sample in family.samples:
             sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
     return sums

@@ -59,6 +59,13 @@ def describe_connect_error(node: Node, exc: BaseException) -> str:
     return f"{node.name}: SSH to {where} failed: {exc}"
 
 
+# RFC 4254 channel-open failures, as an operator would want them explained.
+FORWARD_FAILURES = {
+    paramiko.common.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED: "sshd forbids it (AllowTcpForwarding)",
+    paramiko.common.OPEN_FAILED_CONNECT_FAILED: "connection refused (nothing listens there)",
+}
+
+
 class _ChannelStream(httpcore.NetworkStream):
     def __init__(self, channel: paramiko.Channel) -> None:
         self._channel = channel
@@ -100,11 +107,8 @@ class _SSHBackend(httpcore.NetworkBackend):
                 "direct-tcpip", (host, port), ("127.0.0.1", 0), timeout=timeout
             )
         except paramiko.ChannelException as exc:
-            # sshd answers "Connect failed" when nothing listens, "administratively prohibited" when
-            # AllowTcpForwarding is off.
-            raise httpcore.ConnectError(
-                f"{host}:{port} on the node: {exc.args[-1] if exc.args else exc}"
-            ) from None
+            reason = FORWARD_FAILURES.get(exc.code, exc.text)
+            raise httpcore.ConnectError(f"{host}:{port} on the node: {reason}") from None
         except (paramiko.SSHException, OSError) as exc:
             raise httpcore.ConnectError(f"{host}:{port} on the node: {exc}") from None
         return _ChannelStream(channel)

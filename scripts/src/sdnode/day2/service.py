@@ -12,7 +12,7 @@ from typing import Any
 from sdnode.day2 import Day2Error
 from sdnode.day2.inventory import Node
 from sdnode.day2.metrics import parse_figures
-from sdnode.day2.remote import NodeSession
+from sdnode.day2.remote import HTTPResult, NodeSession
 
 MANIFEST = "/etc/sdserve/manifest.json"
 UNIT_RE = re.compile(r"^sdserve@(\d+)\.service$")
@@ -162,6 +162,15 @@ class NodeStatus:
         return data
 
 
+def readyz_state(answer: HTTPResult) -> str:
+    """The engine state a 503 from /readyz names (loading, warming, failed...), else the HTTP status."""
+    try:
+        state = answer.json().get("status")
+    except (ValueError, AttributeError):
+        state = None
+    return state if isinstance(state, str) and state else f"HTTP {answer.status}"
+
+
 def instance_status(session: NodeSession, instance: int, token: str | None, model: str) -> InstanceStatus:
     node = session.node
     port = node.service_port(instance)
@@ -171,7 +180,7 @@ def instance_status(session: NodeSession, instance: int, token: str | None, mode
     host = probe_host(node)
     try:
         ready = session.http("GET", port, "/readyz", timeout=15, host=host)
-        status.ready = "yes" if ready.status == 200 else f"no ({ready.status})"
+        status.ready = "yes" if ready.status == 200 else f"no ({readyz_state(ready)})"
     except Day2Error as exc:
         status.ready = "down" if "cannot connect" in str(exc) else "error"
         return status

@@ -80,6 +80,8 @@ def generate(
 ) -> SmokeResult:
     node = session.node
     label = f"{node.name}-{instance}"
+    path = out_dir / f"{label}.png"
+    path.unlink(missing_ok=True)  # an image left from an earlier run must not pass for this one
     started = time.monotonic()
     size = parse_size(body["size"]) if body.get("size") else None
     try:
@@ -99,6 +101,5 @@ def generate(
         return SmokeResult(label, False, time.monotonic() - started, str(exc).removeprefix(f"{node.name}: "))
     except ValueError as exc:
         return SmokeResult(label, False, time.monotonic() - started, f"bad image: {exc}")
-    path = out_dir / f"{label}.png"
     path.write_bytes(raw)
     return SmokeResult(label, True, time.monotonic() - started, str(path), image)
