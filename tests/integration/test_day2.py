@@ -46,7 +46,10 @@ def sdnode(*args: str, state: Path, timeout: int = 600) -> subprocess.CompletedP
 
 def explain(proc: subprocess.CompletedProcess[str]) -> str:
     command = " ".join(proc.args)
-    return f"$ {command}\nrc={proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-3000:]}"
+    return (
+        f"$ {command}\nrc={proc.returncode}\n"
+        f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-3000:]}"
+    )
 
 
 @pytest.fixture(scope="module")
