@@ -1,0 +1,327 @@
+"""The FastAPI app: `create_app(settings)`; start-up and shutdown in the lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import signal
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import __version__
+from .engine import Engine
+from .keys import KeyStore
+from .logs import request_id as request_id_var
+from .metrics import Metrics
+from .service import AuthError, Service, authenticate
+from .settings import Settings, point_caches_at
+from .validation import Problem
+
+log = logging.getLogger("sdserve.app")
+access = logging.getLogger("sdserve.access")
+
+NO_KEYS_MESSAGE = (
+    "refusing to listen on {host} without API keys. Create a key and its hash line, e.g.\n"
+    "  openssl rand -hex 32 > key.txt\n"
+    "  sdserve hash-key --name alice < key.txt >> /etc/sdserve/api-keys\n"
+    "then set SDSERVE_API_KEYS_FILE=/etc/sdserve/api-keys (or --api-keys-file), or listen on 127.0.0.1."
+)
+
+
+class StartupRefused(RuntimeError):
+    pass
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """An HTTPException so FastAPI's body reader passes it through unchanged."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is larger than {limit} bytes (SDSERVE_MAX_BODY_BYTES)")
+
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class RequestContext:
+    """Pure ASGI middleware: request id, body size limit, per-route metrics, one access log line."""
+
+    def __init__(self, app, service_ref) -> None:
+        self.app = app
+        self.service_ref = service_ref
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        service: Service = self.service_ref()
+        headers = dict(scope.get("headers") or [])
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")
+        rid = rid if _REQUEST_ID.match(rid) else uuid.uuid4().hex
+        token = request_id_var.set(rid)
+        scope.setdefault("state", {})["request_id"] = rid
+        limit = service.settings.max_body_bytes
+        status = {"code": 500}
+        start = time.perf_counter()
+
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            await _send_json(
+                send,
+                413,
+                _error_body(
+                    scope["path"],
+                    BodyTooLarge(limit).detail,
+                    None,
+                    "request_too_large",
+                    "invalid_request_error",
+                ),
+                rid,
+            )
+            status["code"] = 413
+            self._record(service, scope, status["code"], start)
+            request_id_var.reset(token)
+            return
+
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, send_wrapper)
+        finally:
+            self._record(service, scope, status["code"], start)
+            request_id_var.reset(token)
+
+    @staticmethod
+    def _record(service: Service, scope, code: int, start: float) -> None:
+        route = scope.get("route")
+        template = getattr(route, "path", None) or "unmatched"
+        key = scope.get("state", {}).get("key_name", "-")
+        seconds = time.perf_counter() - start
+        service.metrics.requests.labels(template, scope["method"], str(code), key).inc()
+        service.metrics.request_seconds.labels(template).observe(seconds)
+        if template not in ("/livez", "/readyz", "/metrics"):
+            access.info(
+                "%s %s %d",
+                scope["method"],
+                scope["path"],
+                code,
+                extra={
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": code,
+                    "seconds": round(seconds, 4),
+                    "key": key,
+                },
+            )
+
+
+async def _send_json(send, status: int, body: dict, rid: str) -> None:
+    import json
+
+    data = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+                (b"x-request-id", rid.encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})
+
+
+def _error_body(path: str, message: str, param: str | None, code: str | None, type_: str) -> dict:
+    """OpenAI's error shape under /v1 and for the service's own routes; A1111's style under /sdapi."""
+    if path.startswith("/sdapi/"):
+        return {"error": code or type_, "detail": message, "param": param}
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _error_type(status: int) -> str:
+    if status in (401, 403):
+        return "authentication_error"
+    if status == 429:
+        return "rate_limit_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(Problem)
+    async def problem(request: Request, exc: Problem):
+        body = _error_body(request.url.path, exc.message, exc.param, exc.code, _error_type(exc.status))
+        return JSONResponse(body, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(AuthError)
+    async def auth(request: Request, exc: AuthError):
+        body = _error_body(request.url.path, exc.message, None, "invalid_api_key", "authentication_error")
+        return JSONResponse(
+            body,
+            status_code=401,
+            headers={"WWW-Authenticate": 'Bearer realm="sdserve", Basic realm="sdserve"'},
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def validation(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+        if first.get("type") == "json_invalid":
+            body = _error_body(
+                request.url.path,
+                f"malformed JSON: {first.get('ctx', {}).get('error', first['msg'])}",
+                None,
+                "invalid_json",
+                "invalid_request_error",
+            )
+            return JSONResponse(body, status_code=400)
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if not loc and first.get("loc", ())[:1] == ("body",):
+            # No body, or a body that is not a JSON object (e.g. a missing Content-Type).
+            message = "the request body must be a JSON object (Content-Type: application/json)"
+            return JSONResponse(
+                _error_body(request.url.path, message, None, "invalid_json", "invalid_request_error"),
+                status_code=400,
+            )
+        param = ".".join(loc) or None
+        message = f"{param}: {first['msg']}" if param else first["msg"]
+        body = _error_body(
+            request.url.path, message, param, first.get("type") or "invalid_value", "invalid_request_error"
+        )
+        if request.url.path.startswith("/sdapi/"):
+            body["errors"] = [
+                {"loc": e.get("loc"), "msg": e.get("msg"), "type": e.get("type")} for e in errors
+            ]
+        return JSONResponse(body, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
+        body = _error_body(
+            request.url.path, str(exc.detail), None, codes.get(exc.status_code), _error_type(exc.status_code)
+        )
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log.exception("unhandled error")
+        body = _error_body(
+            request.url.path,
+            f"internal error ({type(exc).__name__}); see the server log",
+            None,
+            "internal_error",
+            "server_error",
+        )
+        return JSONResponse(body, status_code=500)
+
+
+def create_app(settings: Settings, *, start_engine: bool = True) -> FastAPI:
+    """Build the app. Refuses (StartupRefused) to serve a non-loopback address without keys."""
+    point_caches_at(settings.cache_dir)
+    keys = KeyStore(settings.api_keys_file)
+    if not keys.enabled and not settings.host_is_loopback():
+        raise StartupRefused(NO_KEYS_MESSAGE.format(host=settings.host))
+    if settings.output_dir is not None:
+        settings.output_dir.mkdir(parents=True, exist_ok=True)
+    metrics = Metrics(settings.max_batch)
+    engine = Engine(settings, metrics)
+    service = Service(
+        settings, engine, keys, metrics, ThreadPoolExecutor(max_workers=2, thread_name_prefix="sdserve-png")
+    )
+
+    from .jobs import JobStore
+
+    service.jobs = JobStore(service)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+        hup = False
+        if threading.current_thread() is threading.main_thread():
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(signal.SIGHUP, keys.reload)
+                hup = True
+        if start_engine and engine.state == "created":
+            engine.start()
+        janitor = asyncio.ensure_future(service.jobs.janitor())
+        log.info(
+            "sdserve %s starting on %s:%d (keys: %d)", __version__, settings.host, settings.port, len(keys)
+        )
+        try:
+            yield
+        finally:
+            log.info("draining: finishing queued and running work")
+            engine.refuse_new()
+            await service.jobs.drain(settings.drain_timeout_s)
+            finished = await asyncio.to_thread(engine.drain, settings.drain_timeout_s)
+            janitor.cancel()
+            service.png_pool.shutdown(wait=True)
+            if hup:
+                loop.remove_signal_handler(signal.SIGHUP)
+            log.info("stopped (drained cleanly: %s)", finished)
+
+    app = FastAPI(
+        title="sdserve",
+        version=__version__,
+        summary="Stable Diffusion text-to-image service: OpenAI Images and AUTOMATIC1111 compatible APIs",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    app.add_middleware(RequestContext, service_ref=lambda: service)
+    _install_error_handlers(app)
+
+    @app.get("/livez", tags=["health"])
+    async def livez():
+        if engine.state == "failed":
+            return JSONResponse({"status": "failed", "error": engine.error}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz():
+        if engine.ready:
+            return {"status": "ready", "model": service.model_id, "queue": engine.queue_depth}
+        return JSONResponse(
+            {"status": engine.state, "error": engine.error}, status_code=503, headers={"Retry-After": "5"}
+        )
+
+    async def metrics_key(request: Request) -> str:
+        return "public" if settings.metrics_public else authenticate(request)
+
+    @app.get("/metrics", tags=["health"])
+    async def metrics_route(_key: str = Depends(metrics_key)):
+        service.jobs.update_metrics()
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    from . import api_a1111, api_openai, jobs
+
+    app.include_router(api_openai.router, tags=["openai"])
+    app.include_router(api_a1111.router, tags=["a1111"])
+    app.include_router(jobs.router, tags=["jobs"])
+    return app

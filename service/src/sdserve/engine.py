@@ -1,0 +1,451 @@
+"""The engine: one worker thread owns the pipeline; requests wait in a bounded queue.
+
+Testable without HTTP: `Engine(settings).start()`, then `submit(...)` returns a
+request whose `future` (a concurrent.futures.Future) resolves to PIL images.
+
+Batching: when the worker is idle, the oldest request starts at once (optionally
+after `batch_wait_ms`); every queued request that agrees on size, steps, guidance,
+scheduler and whether it has a negative prompt joins it, up to `max_batch` images.
+Each image has its own torch.Generator seeded with its own seed, so an image does
+not depend on its batch-mates.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import gc
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from typing import Any
+
+from .metrics import Metrics
+from .model import LoadedModel, ModelError, load_pipeline
+from .schedulers import SchedulerChoice, resolve
+from .settings import Settings
+
+log = logging.getLogger("sdserve.engine")
+
+MAX_SEED = 2**32 - 1
+
+
+class EngineError(Exception):
+    status = 503
+    code = "engine_error"
+
+
+class QueueFull(EngineError):
+    status = 429
+    code = "queue_full"
+
+
+class NotReady(EngineError):
+    status = 503
+    code = "not_ready"
+
+
+class Draining(EngineError):
+    status = 503
+    code = "shutting_down"
+
+
+class OutOfMemory(EngineError):
+    status = 503
+    code = "out_of_memory"
+
+
+class Cancelled(EngineError):
+    status = 499
+    code = "cancelled"
+
+
+class GenerationFailed(EngineError):
+    status = 500
+    code = "generation_failed"
+
+
+@dataclass(frozen=True)
+class GenParams:
+    """What a batch's members must agree on."""
+
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    scheduler: SchedulerChoice
+    has_negative: bool = False
+    eta: float | None = None
+
+
+@dataclass(eq=False)
+class GenRequest:
+    params: GenParams
+    prompt: str
+    negative_prompt: str
+    seeds: list[int]
+    key_name: str = "-"
+    request_id: str = "-"
+    future: Future = field(default_factory=Future)
+    images: list[Any] = field(default_factory=list)
+    nsfw: list[bool] = field(default_factory=list)
+    taken: int = 0  # images handed to the worker so far
+    done: int = 0
+    step: int = 0  # progress of the batch this request is in
+    cancelled: bool = False
+    enqueued_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    def __post_init__(self) -> None:
+        self.images = [None] * len(self.seeds)
+        self.nsfw = [False] * len(self.seeds)
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def progress(self) -> float:
+        if self.future.done():
+            return 1.0
+        return (self.done + (self.step / self.params.steps if self.taken > self.done else 0)) / self.n
+
+
+def pick_seed(seed: int | None) -> int:
+    """-1 or None picks a random seed (and the response reports it)."""
+    return secrets.randbelow(MAX_SEED + 1) if seed is None or seed < 0 else seed
+
+
+class Engine:
+    def __init__(
+        self, settings: Settings, metrics: Metrics | None = None, model: LoadedModel | None = None
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics(settings.max_batch)
+        self.model = model
+        self.state = "created"  # created, loading, warming, ready, failed, draining, stopped
+        self.error: str | None = None
+        self._queue: collections.deque[GenRequest] = collections.deque()
+        self._cond = threading.Condition()
+        self._running: list[GenRequest] = []
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._finished = threading.Event()
+        self.on_failure: Callable[[str], None] | None = None
+        # Test hook, not a setting: called with the image count before every pipeline call,
+        # warm-up included, on the worker thread. Tests use it to inject an out-of-memory
+        # error or to hold the worker. Nothing in production sets it.
+        self.before_pipeline_call: Callable[[int], None] | None = None
+        self.current: dict[str, Any] = {}
+
+    # lifecycle ----------------------------------------------------------------
+    def start(self) -> Engine:
+        self._thread = threading.Thread(target=self._main, name="sdserve-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        self._ready.wait(timeout)
+        return self.state == "ready"
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    @property
+    def alive(self) -> bool:
+        return self.state not in ("failed",) and (
+            self._thread is None or self._thread.is_alive() or self.state == "stopped"
+        )
+
+    def refuse_new(self) -> None:
+        with self._cond:
+            if self.state in ("ready", "warming", "loading", "created"):
+                self.state = "draining"
+            self.metrics.ready.set(0)
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Refuse new work, finish what is queued and running, stop the worker.
+        Returns False when `timeout` ran out first (what was left failed with Draining)."""
+        with self._cond:
+            if self.state in ("ready", "warming", "loading", "created"):
+                self.state = "draining"
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            with self._cond:
+                left = list(self._queue)
+                self._queue.clear()
+            for req in left:
+                self._fail(req, Draining("the service stopped before this request ran"))
+            return False
+        return True
+
+    def _main(self) -> None:
+        try:
+            if self.model is None:
+                self.state = "loading"
+                self.model = load_pipeline(self.settings)
+            if self.model.scheduler_config is None:
+                self.model.scheduler_config = dict(self.model.pipe.scheduler.config)
+            self._base_scheduler_config = self.model.scheduler_config
+            self.state = "warming"
+            self._warm_up()
+            with self._cond:
+                if not self._stop:
+                    self.state = "ready"
+            self.metrics.ready.set(1)
+        except Exception as e:  # start-up failure: reported, then the process exits non-zero
+            self.error = str(e) if isinstance(e, ModelError) else f"{type(e).__name__}: {e}"
+            self.state = "failed"
+            log.error("start-up failed: %s", self.error, exc_info=not isinstance(e, ModelError))
+            self._ready.set()
+            if self.on_failure:
+                self.on_failure(self.error)
+            return
+        finally:
+            self._ready.set()
+        try:
+            self._loop()
+        finally:
+            self.metrics.ready.set(0)
+            self.state = "stopped"
+            self._finished.set()
+
+    def _warm_up(self) -> None:
+        sizes = self.settings.warmup_size_list() or [self.model.native_size]
+        batches = [1] + (
+            [self.settings.max_batch] if self.settings.compile and self.settings.max_batch > 1 else []
+        )
+        choice = resolve(self.settings.default_scheduler)
+        for w, h in sizes:
+            for b in batches:
+                t = time.monotonic()
+                params = GenParams(w, h, self.settings.warmup_steps, self.settings.default_guidance, choice)
+                req = GenRequest(params, "warm-up", "", list(range(b)), key_name="warm-up")
+                self._call_pipeline([(req, i) for i in range(b)])
+                log.info("warm-up %dx%d batch %d took %.2fs", w, h, b, time.monotonic() - t)
+
+    # submission -----------------------------------------------------------------
+    def submit(
+        self,
+        params: GenParams,
+        prompt: str,
+        negative_prompt: str,
+        seeds: list[int],
+        *,
+        key_name: str = "-",
+        request_id: str = "-",
+    ) -> GenRequest:
+        req = GenRequest(params, prompt, negative_prompt, seeds, key_name=key_name, request_id=request_id)
+        with self._cond:
+            if self.state == "draining" or self._stop:
+                self.metrics.rejected.labels("draining").inc()
+                raise Draining("the service is shutting down; retry on another node")
+            if self.state != "ready":
+                self.metrics.rejected.labels("not_ready").inc()
+                raise NotReady(f"the model is not ready yet (state: {self.state})")
+            if len(self._queue) >= self.settings.queue_size:
+                self.metrics.rejected.labels("queue_full").inc()
+                raise QueueFull(
+                    f"the queue is full ({self.settings.queue_size} requests waiting); retry later"
+                )
+            self._queue.append(req)
+            self.metrics.queue_depth.set(len(self._queue))
+            self._cond.notify_all()
+        return req
+
+    def cancel(self, req: GenRequest) -> None:
+        """Drop a request: removed if still queued; a running batch whose requests are
+        all cancelled is interrupted at the next step."""
+        with self._cond:
+            req.cancelled = True
+            if req in self._queue and req.taken == 0:
+                self._queue.remove(req)
+                self.metrics.queue_depth.set(len(self._queue))
+        if not req.future.done():
+            self._fail(req, Cancelled("cancelled"))
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._running)
+
+    # worker ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stop:
+                    self._cond.wait()
+                if not self._queue:
+                    return  # stopping, nothing left
+                if self.settings.batch_wait_ms > 0:
+                    deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
+                    while self._compatible_images() < self.settings.max_batch and not self._stop:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        self._cond.wait(left)
+                items = self._take_batch()
+                self.metrics.queue_depth.set(len(self._queue))
+            if items:
+                self._run(items)
+
+    def _compatible_images(self) -> int:
+        head = self._queue[0].params
+        return sum(r.n - r.taken for r in self._queue if r.params == head)
+
+    def _take_batch(self) -> list[tuple[GenRequest, int]]:
+        head = self._queue[0].params
+        room = self.settings.max_batch
+        items: list[tuple[GenRequest, int]] = []
+        now = time.monotonic()
+        for req in list(self._queue):
+            if room == 0:
+                break
+            if req.params != head:
+                continue
+            count = min(room, req.n - req.taken)
+            items += [(req, i) for i in range(req.taken, req.taken + count)]
+            if req.started_at is None:
+                req.started_at = now
+                self.metrics.queue_seconds.observe(now - req.enqueued_at)
+            req.taken += count
+            room -= count
+            if req.taken == req.n:
+                self._queue.remove(req)
+        return items
+
+    def _run(self, items: list[tuple[GenRequest, int]]) -> None:
+        """Run a batch; on out-of-memory empty the cache and retry in halves."""
+        items = [it for it in items if not it[0].cancelled]
+        if not items:
+            return
+        import torch
+
+        try:
+            self._running = list({id(r): r for r, _ in items}.values())
+            images, nsfw, seconds = self._call_pipeline(items)
+        except torch.OutOfMemoryError:
+            self.metrics.oom.inc()
+            self._running = []
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            log.warning("out of memory at batch %d; retrying in halves", len(items))
+            if len(items) == 1:
+                req = items[0][0]
+                self.metrics.failures.labels("out_of_memory").inc()
+                p = req.params
+                self._fail(
+                    req,
+                    OutOfMemory(
+                        f"out of GPU memory generating one {p.width}x{p.height} image; try a smaller size"
+                    ),
+                )
+                return
+            half = len(items) // 2
+            self._run(items[:half])
+            self._run(items[half:])
+            return
+        except Exception as e:
+            log.exception("generation failed")
+            self._running = []
+            self.metrics.failures.labels("error").inc()
+            for req in {id(r): r for r, _ in items}.values():
+                self._fail(req, GenerationFailed(f"generation failed: {type(e).__name__}: {e}"))
+            return
+        finally:
+            self._running = []
+        self.metrics.batch_size.observe(len(items))
+        self.metrics.generation_seconds.observe(seconds)
+        steps = items[0][0].params.steps
+        if seconds > 0:
+            self.metrics.steps_per_second.set(steps / seconds)
+            self.metrics.image_steps_per_second.set(steps * len(items) / seconds)
+        for (req, i), img, flag in zip(items, images, nsfw, strict=True):
+            if req.future.done():
+                continue
+            req.images[i] = img
+            req.nsfw[i] = flag
+            req.done += 1
+            self.metrics.images.labels(req.key_name).inc()
+            if req.done == req.n:
+                req.finished_at = time.monotonic()
+                with contextlib.suppress(InvalidStateError):
+                    req.future.set_result(req.images)
+
+    def _fail(self, req: GenRequest, err: Exception) -> None:
+        with self._cond:
+            if req in self._queue:
+                self._queue.remove(req)
+                self.metrics.queue_depth.set(len(self._queue))
+        if not req.future.done():
+            req.finished_at = time.monotonic()
+            # The worker and the event loop may both finish a request; the first one wins.
+            with contextlib.suppress(InvalidStateError):
+                req.future.set_exception(err)
+
+    def _call_pipeline(self, items: list[tuple[GenRequest, int]]):
+        import torch
+
+        pipe = self.model.pipe
+        p = items[0][0].params
+        reqs = [r for r, _ in items]
+        distinct = list({id(r): r for r in reqs}.values())
+        # CPU generators: the same seed gives the same noise on every device and batch size.
+        generators = [torch.Generator(device="cpu").manual_seed(r.seeds[i]) for r, i in items]
+        # A fresh scheduler per call: schedulers keep per-call state.
+        pipe.scheduler = p.scheduler.build(self._base_scheduler_config)
+        vae = getattr(pipe, "vae", None)
+        if vae is not None and hasattr(vae, "enable_tiling"):
+            big = self.settings.vae_tiling_pixels and p.width * p.height > self.settings.vae_tiling_pixels
+            vae.enable_tiling() if big else vae.disable_tiling()
+            vae.enable_slicing() if big or len(items) > 4 else vae.disable_slicing()
+        for r in distinct:
+            r.step = 0
+
+        def on_step(pipeline, step, timestep, kwargs):
+            for r in distinct:
+                r.step = step + 1
+            self.current["step"] = step + 1
+            if all(r.cancelled for r in distinct):
+                pipeline._interrupt = True  # diffusers pipelines check this each step
+            return kwargs
+
+        kwargs: dict[str, Any] = {}
+        if p.eta is not None and p.scheduler.sampler.name == "DDIM":
+            kwargs["eta"] = p.eta
+        self.current = {"step": 0, "steps": p.steps, "batch": len(items), "started": time.time()}
+        if self.before_pipeline_call is not None:
+            self.before_pipeline_call(len(items))
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = pipe(
+                prompt=[r.prompt for r in reqs],
+                negative_prompt=[r.negative_prompt for r in reqs] if p.has_negative else None,
+                width=p.width,
+                height=p.height,
+                num_inference_steps=p.steps,
+                guidance_scale=p.guidance,
+                generator=generators,
+                output_type="pil",
+                callback_on_step_end=on_step,
+                **kwargs,
+            )
+        seconds = time.perf_counter() - t
+        self.current = {}
+        nsfw = getattr(out, "nsfw_content_detected", None) or [False] * len(items)
+        return out.images, [bool(x) for x in nsfw], seconds

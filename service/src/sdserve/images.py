@@ -1,0 +1,51 @@
+"""PNG encoding with A1111-style `parameters` text, done off the event loop."""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass
+
+from PIL.PngImagePlugin import PngInfo
+
+from . import __version__
+from .engine import GenParams
+
+
+@dataclass
+class Infotext:
+    prompt: str
+    negative_prompt: str
+    params: GenParams
+    seed: int
+    model: str
+
+    def __str__(self) -> str:
+        p = self.params
+        lines = [self.prompt]
+        if self.negative_prompt:
+            lines.append(f"Negative prompt: {self.negative_prompt}")
+        fields = [
+            f"Steps: {p.steps}",
+            f"Sampler: {p.scheduler.sampler.name}",
+            f"Schedule type: {p.scheduler.schedule.label}",
+            f"CFG scale: {p.guidance:g}",
+            f"Seed: {self.seed}",
+            f"Size: {p.width}x{p.height}",
+            f"Model: {self.model}",
+            f"Version: sdserve {__version__}",
+        ]
+        lines.append(", ".join(fields))
+        return "\n".join(lines)
+
+
+def encode_png(image, parameters: str) -> bytes:
+    meta = PngInfo()
+    meta.add_text("parameters", parameters)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=meta, compress_level=4)
+    return buf.getvalue()
+
+
+def encode_b64_png(image, parameters: str) -> str:
+    return base64.b64encode(encode_png(image, parameters)).decode("ascii")

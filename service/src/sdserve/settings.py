@@ -1,0 +1,188 @@
+"""Service settings: every one is an `SDSERVE_*` environment variable and a `serve` option."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_cache_dir() -> Path:
+    """systemd's CacheDirectory= if set, else a per-user dir under the temp dir; never $HOME
+    (read-only under ProtectSystem=strict / ProtectHome)."""
+    systemd = os.environ.get("CACHE_DIRECTORY")
+    if systemd:
+        return Path(systemd.split(":")[0])
+    return Path(tempfile.gettempdir()) / f"sdserve-cache-{os.getuid()}"
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    parts = text.strip().lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"size must look like 512x512, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SDSERVE_", extra="forbid", validate_default=True)
+
+    # Model
+    model: Path | None = Field(None, description="Directory of the model in diffusers format (local only).")
+    model_id: str = Field(
+        "", description="Model name reported by the APIs; defaults to the directory's name."
+    )
+    model_revision: str = Field("", description="Model revision reported by `info` and /sdapi/v1/sd-models.")
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto: cuda when available.")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="auto: float16 on CUDA, float32 on CPU."
+    )
+    safety_checker: bool = Field(
+        False, description="Load and run the model's safety checker (the model must ship one)."
+    )
+    compile: bool = Field(
+        False, description="torch.compile the UNet (CUDA only); warm-up compiles every WARMUP_SIZES entry."
+    )
+    warmup_sizes: str = Field(
+        "", description='Comma-separated "WxH" sizes to warm up; empty: the model\'s native size.'
+    )
+    warmup_steps: int = Field(2, ge=1, le=50, description="Steps per warm-up generation.")
+    vae_tiling_pixels: int = Field(
+        1024 * 1024, ge=0, description="Decode with VAE tiling above this many pixels per image (0: never)."
+    )
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="CPU threads for torch (0: torch's default, one per core). 1 helps tiny models on busy CPUs.",
+    )
+    cache_dir: Path = Field(
+        default_factory=default_cache_dir,
+        description="Caches (HF, torch inductor, triton...); default $CACHE_DIRECTORY or a temp dir.",
+    )
+
+    # Network
+    host: str = Field(
+        "127.0.0.1", description="Listen address. Without API keys only a loopback address is allowed."
+    )
+    port: int = Field(7860, ge=0, le=65535)
+    api_keys_file: Path | None = Field(
+        None, description="File of key hashes, `sha256:<hex> <name>` a line; re-read on SIGHUP."
+    )
+    metrics_public: bool = Field(False, description="Serve /metrics without a key.")
+
+    # Engine
+    max_batch: int = Field(8, ge=1, le=64, description="Most images one pipeline call generates.")
+    max_images: int = Field(
+        16, ge=1, le=256, description="Most images one request may ask for (n, batch_size x n_iter)."
+    )
+    queue_size: int = Field(32, ge=1, description="Requests waiting beyond this answer 429.")
+    batch_wait_ms: float = Field(
+        0,
+        ge=0,
+        le=10_000,
+        description="Wait this long for batch-mates before starting a batch; 0: start at once.",
+    )
+    request_timeout_s: float = Field(
+        300, gt=0, description="A synchronous request waiting longer answers 504."
+    )
+    job_ttl_s: float = Field(3600, gt=0, description="Finished async jobs are kept this long.")
+    drain_timeout_s: float = Field(
+        120,
+        gt=0,
+        description="On SIGTERM, time to finish queued work before failing the rest; systemd's TimeoutStopSec must be longer.",
+    )
+    max_jobs: int = Field(
+        1000, ge=1, description="Most async jobs kept at once (queued, running or finished)."
+    )
+
+    # Limits
+    max_side: int = Field(2048, ge=64, description="Largest width or height.")
+    max_pixels: int = Field(
+        4 * 1024 * 1024, ge=64 * 64, description="Pixel budget of one request: images x width x height."
+    )
+    max_steps: int = Field(150, ge=1)
+    max_prompt_chars: int = Field(4000, ge=1)
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Larger request bodies answer 413.")
+    default_steps: int = Field(25, ge=1)
+    default_scheduler: str = Field(
+        "DPM++ 2M Karras", description="Sampler and schedule type for requests that name none."
+    )
+    default_guidance: float = Field(7.0, ge=0)
+
+    # Output and logs
+    output_dir: Path | None = Field(
+        None,
+        description="Where images are written for response_format=url and save_images; unset: url is refused.",
+    )
+    public_url: str = Field(
+        "", description="Base URL used in image URLs; default the request's own base URL."
+    )
+    log_prompts: bool = Field(False, description="Log prompts (off: prompts never reach the logs).")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("warmup_sizes")
+    @classmethod
+    def _sizes(cls, v: str) -> str:
+        for part in filter(None, (p.strip() for p in v.split(","))):
+            w, h = parse_size(part)
+            if w % 8 or h % 8 or w < 64 or h < 64:
+                raise ValueError(
+                    f"warm-up size {part!r}: width and height must be multiples of 8, at least 64"
+                )
+        return v
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("host must not be empty")
+        return v.strip()
+
+    @model_validator(mode="after")
+    def _limits(self) -> Settings:
+        if self.default_steps > self.max_steps:
+            raise ValueError(f"default_steps ({self.default_steps}) is above max_steps ({self.max_steps})")
+        if self.max_pixels < 64 * 64:
+            raise ValueError("max_pixels must allow one 64x64 image")
+        return self
+
+    def warmup_size_list(self) -> list[tuple[int, int]]:
+        return [parse_size(p) for p in self.warmup_sizes.split(",") if p.strip()]
+
+    def host_is_loopback(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:
+            return False
+
+
+def point_caches_at(cache_dir: Path) -> None:
+    """Point every library that wants a cache at `cache_dir`, and force Hugging Face offline.
+
+    Must run before diffusers/transformers/huggingface_hub are imported: they read these at import.
+    Variables already set by the operator win.
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    defaults = {
+        "HF_HOME": cache_dir / "huggingface",
+        "TORCHINDUCTOR_CACHE_DIR": cache_dir / "torchinductor",
+        "TRITON_CACHE_DIR": cache_dir / "triton",
+        "MPLCONFIGDIR": cache_dir / "matplotlib",
+        "NUMBA_CACHE_DIR": cache_dir / "numba",
+        "XDG_CACHE_HOME": cache_dir / "xdg",
+        "CUDA_CACHE_PATH": cache_dir / "nv",
+    }
+    for name, path in defaults.items():
+        os.environ.setdefault(name, str(path))
+    # A missing model must be an error at start-up, never a download.
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "DIFFUSERS_OFFLINE"):
+        os.environ[name] = "1"
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

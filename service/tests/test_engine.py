@@ -1,0 +1,218 @@
+"""The engine without HTTP: batching, per-image seeds, scheduler per call, OOM halving, queue bounds."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from conftest import Gate, wait_until
+
+from sdserve.engine import Cancelled, Engine, GenParams, OutOfMemory, QueueFull
+from sdserve.model import LoadedModel, load_pipeline
+from sdserve.schedulers import SAMPLERS, resolve
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model, tmp_path_factory) -> LoadedModel:
+    from sdserve.settings import Settings
+
+    return load_pipeline(Settings(model=tiny_model, cache_dir=tmp_path_factory.mktemp("c")))
+
+
+@pytest.fixture
+def engine(make_settings, loaded):
+    engines = []
+
+    def start(gate=None, **overrides) -> Engine:
+        e = Engine(make_settings(**overrides), model=loaded)
+        engines.append(e)
+        e.start()
+        assert e.wait_ready(60), e.error
+        e.before_pipeline_call = gate  # after warm-up, so the gate sees only requests
+        return e
+
+    yield start
+    for e in engines:
+        if e.before_pipeline_call is not None and hasattr(e.before_pipeline_call, "open"):
+            e.before_pipeline_call.open()
+        e.drain(30)
+
+
+P = GenParams(64, 64, 3, 7.0, resolve("Euler a"))
+
+
+def pixels(img) -> np.ndarray:
+    return np.asarray(img, dtype=np.float64)
+
+
+def test_loads_through_auto_pipeline(loaded):
+    # The tiny model takes the same path as a real one: AutoPipelineForText2Image from a local dir.
+    assert loaded.pipeline_class == "StableDiffusionPipeline"
+    assert loaded.native_size == (64, 64)
+    assert loaded.device == "cpu" and loaded.dtype == torch.float32
+
+
+def test_same_seed_same_batch_size_gives_same_bytes(engine):
+    e = engine()
+    a = e.submit(P, "a red cube", "", [11, 12]).future.result(60)
+    b = e.submit(P, "a red cube", "", [11, 12]).future.result(60)
+    assert [x.tobytes() for x in a] == [x.tobytes() for x in b]
+    assert a[0].tobytes() != a[1].tobytes()  # seeds s, s+1 differ
+
+
+def test_seed_independent_of_batch_mates(engine):
+    """Seed 7 alone vs. seed 7 in a batch of four (with other prompts): equal within rounding."""
+    gate = Gate()
+    e = engine(gate=gate)
+    blocker = e.submit(P, "blocker", "", [0])
+    gate.entered.wait(30)
+    mates = [e.submit(P, f"other {i}", "", [100 + i]) for i in range(2)]
+    target = e.submit(P, "a red cube", "", [7])
+    more = e.submit(P, "another", "", [200])
+    gate.open()
+    batched = target.future.result(60)[0]
+    for r in (blocker, *mates, more):
+        r.future.result(60)
+    assert gate.calls[1] == 4, f"expected the four queued requests in one batch, got calls {gate.calls}"
+    alone = e.submit(P, "a red cube", "", [7]).future.result(60)[0]
+    diff = np.abs(pixels(batched) - pixels(alone)).mean()
+    assert diff < 1.0, diff
+    # ...and a different seed really gives a different image, so the check above means something.
+    other = e.submit(P, "a red cube", "", [8]).future.result(60)[0]
+    assert np.abs(pixels(other) - pixels(alone)).mean() > 1.0
+
+
+def test_batches_only_compatible_requests_and_respects_max_batch(engine):
+    gate = Gate()
+    e = engine(gate=gate, max_batch=3)
+    first = e.submit(P, "x", "", [0])
+    gate.entered.wait(30)
+    other_size = GenParams(72, 64, 3, 7.0, resolve("Euler a"))
+    reqs = [e.submit(P, "x", "", [1, 2]), e.submit(other_size, "y", "", [3]), e.submit(P, "z", "", [4, 5])]
+    gate.open()
+    for r in (first, *reqs):
+        r.future.result(60)
+    # 1 (blocker), then 2+1 of the compatible ones (max 3), then the 72x64 one, then the last image.
+    assert gate.calls == [1, 3, 1, 1]
+    assert [im.size for im in reqs[1].future.result()] == [(72, 64)]
+
+
+def test_scheduler_state_never_shared(engine, loaded):
+    """Each call builds its own scheduler; the model's config is left as loaded."""
+    e = engine()
+    base = dict(e._base_scheduler_config)
+    seen = []
+    e.before_pipeline_call = lambda n: seen.append(id(e.model.pipe.scheduler))
+    for name in ("DPM++ 2M Karras", "PNDM", "Euler a"):
+        e.submit(GenParams(64, 64, 3, 7.0, resolve(name)), "x", "", [1]).future.result(60)
+    assert len(set(seen)) == 3
+    assert dict(e._base_scheduler_config) == base
+
+
+@pytest.mark.parametrize("sampler", [s.name for s in SAMPLERS])
+def test_every_sampler_generates(engine, sampler):
+    e = engine()
+    steps = 2 if sampler != "LCM" else 1
+    imgs = e.submit(GenParams(64, 64, steps, 5.0, resolve(sampler)), "x", "", [3]).future.result(60)
+    assert imgs[0].size == (64, 64)
+
+
+def test_pndm_fifty_steps_as_in_the_original_design(engine):
+    e = engine()
+    imgs = e.submit(GenParams(64, 64, 50, 7.5, resolve("PNDM")), "x", "", [3]).future.result(120)
+    assert np.asarray(imgs[0]).std() > 0
+
+
+def test_out_of_memory_is_retried_in_halves(engine):
+    calls = []
+
+    def oom_above_one(n):
+        calls.append(n)
+        if n > 1:
+            raise torch.OutOfMemoryError("injected")
+
+    gate = Gate()
+    e = engine(gate=gate)
+    blocker = e.submit(P, "x", "", [0])
+    gate.entered.wait(30)
+    reqs = [e.submit(P, "x", "", [i]) for i in range(1, 5)]
+    e.before_pipeline_call = oom_above_one
+    gate.open()
+    blocker.future.result(60)
+    for r in reqs:
+        assert len(r.future.result(60)) == 1
+    assert calls == [4, 2, 1, 1, 2, 1, 1]
+    assert e.metrics.oom._value.get() == 3
+
+
+def test_single_image_out_of_memory_fails_alone_and_engine_keeps_serving(engine):
+    e = engine()
+
+    def oom(n):
+        raise torch.OutOfMemoryError("injected")
+
+    e.before_pipeline_call = oom
+    with pytest.raises(OutOfMemory, match="out of GPU memory"):
+        e.submit(P, "x", "", [1]).future.result(60)
+    e.before_pipeline_call = None
+    assert len(e.submit(P, "x", "", [1]).future.result(60)) == 1
+
+
+def test_full_queue_refuses(engine):
+    gate = Gate()
+    e = engine(gate=gate, queue_size=2)
+    running = e.submit(P, "x", "", [0])
+    gate.entered.wait(30)
+    queued = [e.submit(P, "x", "", [1]), e.submit(P, "x", "", [2])]
+    with pytest.raises(QueueFull):
+        e.submit(P, "x", "", [3])
+    gate.open()
+    for r in (running, *queued):
+        r.future.result(60)
+
+
+def test_cancel_removes_a_queued_request(engine):
+    gate = Gate()
+    e = engine(gate=gate)
+    running = e.submit(P, "x", "", [0])
+    gate.entered.wait(30)
+    queued = e.submit(P, "x", "", [1])
+    assert e.queue_depth == 1
+    e.cancel(queued)
+    assert e.queue_depth == 0
+    with pytest.raises(Cancelled):
+        queued.future.result(1)
+    gate.open()
+    running.future.result(60)
+    assert gate.calls == [1]
+
+
+def test_cancel_interrupts_a_running_batch(engine):
+    e = engine()
+    started = threading.Event()
+    release = threading.Event()
+    e.before_pipeline_call = lambda n: (started.set(), release.wait(30))
+    req = e.submit(GenParams(64, 64, 40, 7.0, resolve("Euler")), "x", "", [1])
+    started.wait(30)
+    e.cancel(req)
+    release.set()
+    with pytest.raises(Cancelled):
+        req.future.result(60)
+    wait_until(lambda: not e.busy, what="worker idle")
+    assert e.submit(P, "x", "", [1]).future.result(60)
+
+
+def test_drain_finishes_queued_work_then_refuses(engine):
+    gate = Gate()
+    e = engine(gate=gate)
+    reqs = [e.submit(P, "x", "", [i]) for i in range(3)]
+    gate.entered.wait(30)
+    t = threading.Thread(target=e.drain, args=(60,))
+    t.start()
+    wait_until(lambda: e.state == "draining", what="draining")
+    gate.open()
+    t.join(60)
+    assert all(len(r.future.result(0)) == 1 for r in reqs)
+    assert e.state == "stopped"
