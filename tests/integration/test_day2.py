@@ -234,10 +234,8 @@ def password_login(address: str, password: str, known_hosts: Path) -> paramiko.S
 def test_bootstrap_turns_a_password_node_into_a_key_only_node(testnodes: TestNodes, tmp_path: Path) -> None:
     testnodes.up(BOOT_NODE, "--password-login")
     inventory = testnodes.inventory(STATE / "ci" / "day2-bootstrap", [BOOT_NODE])
-    hostvars = yaml.safe_load((inventory / "hosts.yml").read_text())["all"]["children"]["sdnodes"]["hosts"][
-        BOOT_NODE
-    ]
-    address = hostvars["ansible_host"]
+    hosts = yaml.safe_load((inventory / "hosts.yml").read_text())["all"]["children"]["sdnodes"]["hosts"]
+    address = hosts[BOOT_NODE]["ansible_host"]
     known_hosts = STATE / "testnodes" / "known_hosts"
     password_file = STATE / "testnodes" / f"{BOOT_NODE}.password"
     password = password_file.read_text().strip()
@@ -246,35 +244,39 @@ def test_bootstrap_turns_a_password_node_into_a_key_only_node(testnodes: TestNod
     state = tmp_path / "state"
     assert sdnode("keys", state=state).returncode == 0
     fleet_key = state / "keys" / "sdnode_ed25519"
-    proc = sdnode(
-        "bootstrap", "-i", str(inventory), BOOT_NODE, "--password-file", str(password_file), state=state
-    )
+    # By address, as for a server not yet in any inventory: an unknown host key is refused...
+    new_known = tmp_path / "known_hosts"
+    by_address = [
+        "bootstrap",
+        address,
+        "--password-file",
+        str(password_file),
+        "--known-hosts",
+        str(new_known),
+    ]
+    refused = sdnode(*by_address, state=state)
+    assert refused.returncode == 2 and "--accept-new-host-key" in refused.stderr, explain(refused)
+    # ...unless accepted explicitly; the key recorded is the node's own.
+    proc = sdnode(*by_address, "--accept-new-host-key", state=state)
     assert proc.returncode == 0, explain(proc)
     assert "password login refused" in proc.stdout
+    recorded = {tuple(line.split()[1:3]) for line in new_known.read_text().splitlines()}
+    known = {
+        tuple(line.split()[1:3])
+        for line in known_hosts.read_text().splitlines()
+        if line.split()[0] == address
+    }
+    assert recorded and recorded <= known
 
     # Key login with the fleet key alone, by OpenSSH.
-    ssh = subprocess.run(
-        [
-            "ssh",
-            "-i",
-            str(fleet_key),
-            "-o",
-            "IdentitiesOnly=yes",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "PasswordAuthentication=no",
-            "-o",
-            f"UserKnownHostsFile={known_hosts}",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            f"root@{address}",
-            "id -un; sshd -T",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
+    options = (
+        "-o IdentitiesOnly=yes -o BatchMode=yes -o PasswordAuthentication=no -o StrictHostKeyChecking=yes"
     )
+    ssh = subprocess.run(
+        ["ssh", *options.split(), "-o", f"UserKnownHostsFile={known_hosts}", "-i", str(fleet_key),
+         f"root@{address}", "id -un; sshd -T"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
     assert ssh.returncode == 0, ssh.stderr
     assert ssh.stdout.splitlines()[0] == "root"
     assert "passwordauthentication no" in ssh.stdout and "kbdinteractiveauthentication no" in ssh.stdout
@@ -282,6 +284,7 @@ def test_bootstrap_turns_a_password_node_into_a_key_only_node(testnodes: TestNod
     with pytest.raises(paramiko.AuthenticationException):
         password_login(address, password, known_hosts)
 
+    # Again, through the inventory this time: nothing left to change.
     again = sdnode(
         "bootstrap", "-i", str(inventory), BOOT_NODE, "--password-file", str(password_file), state=state
     )

@@ -7,6 +7,7 @@ Exit status: 0 all good; 1 something is unhealthy, failed or differs; 2 the comm
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import getpass
 import json
 import logging
@@ -116,27 +117,10 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
             f"note: {args.host} is not in inventory {args.inventory}; taking it as an address",
             file=sys.stderr,
         )
-        node = Node(name=args.host, address=args.host, port=args.port or 22, user=args.user or "root")
-    else:
-        node = Node(
-            name=node.name,
-            address=node.address,
-            port=args.port or node.port,
-            user=args.user or node.user,
-            known_hosts=node.known_hosts,
-            become=node.become,
-            accelerator=node.accelerator,
-            port_base=node.port_base,
-            vars=node.vars,
-        )
+        node = Node(name=args.host, address=args.host, user="root")
+    node = dataclasses.replace(node, port=args.port or node.port, user=args.user or node.user)
     if args.known_hosts:
-        node = Node(
-            name=node.name,
-            address=node.address,
-            port=node.port,
-            user=node.user,
-            known_hosts=(Path(args.known_hosts).expanduser(),),
-        )
+        node = dataclasses.replace(node, known_hosts=(Path(args.known_hosts).expanduser(),))
     accept_new = None
     if args.accept_new_host_key:
         accept_new = node.known_hosts[0] if node.known_hosts else Path("~/.ssh/known_hosts").expanduser()
@@ -291,7 +275,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
             print(f"sdnode: {error}", file=sys.stderr)
             continue
         if not lines:
-            print(f"{node.name:<{width}} | (no sdserve entries since {args.since})")
+            hidden = node.user != "root" and not node.become
+            why = f"; {node.user} may not read the system journal: set ansible_become" if hidden else ""
+            print(f"{node.name:<{width}} | (no sdserve entries since {args.since}{why})")
         # journalctl -n counts from --since forwards when both are given; the newest lines are wanted.
         for line in lines[-args.lines :] if args.lines else lines:
             print(f"{node.name:<{width}} | {line}")

@@ -225,8 +225,11 @@ def bootstrap(
     except paramiko.AuthenticationException:
         pw = None  # already bootstrapped (password refused), or a wrong password: the key tells which
         log(f"{node.name}: password login refused; checking whether the node is already bootstrapped")
-    except Exception as exc:
-        raise Day2Error(describe_connect_error(node, exc)) from None
+    except Exception as exc:  # every failure to connect is told in one line
+        message = describe_connect_error(node, exc)
+        if isinstance(exc, paramiko.SSHException) and "known_hosts" in str(exc):
+            message += ", or pass --accept-new-host-key"
+        raise Day2Error(message) from None
 
     if pw is not None:
         try:

@@ -49,7 +49,10 @@ def describe_connect_error(node: Node, exc: BaseException) -> str:
         key = node.key_file or "the default keys/agent"
         return f"{node.name}: {where} refused the key {key} ({exc})"
     if isinstance(exc, paramiko.SSHException) and "known_hosts" in str(exc):
-        return f"{node.name}: host key of {node.address} is not in {known}; add it after checking it"
+        return (
+            f"{node.name}: host key of {node.address} is not in {known}; check its fingerprint on the "
+            f"console, then add it (ssh-keyscan -p {node.port} {node.address})"
+        )
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return f"{node.name}: cannot reach {where}: timed out"
     if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
