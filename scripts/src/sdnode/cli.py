@@ -209,6 +209,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     for r in results:
         if r.error:
             out.print(f"[bold red]{r.node}[/]: {r.error}")
+        for inst in r.instances:
+            if inst.note:
+                out.print(f"[yellow]{r.node} sdserve@{inst.instance}[/]: {inst.note}")
     healthy = len(results) - len(unhealthy)
     summary = f"{healthy}/{len(results)} node{'s' if len(results) != 1 else ''} healthy"
     out.print(

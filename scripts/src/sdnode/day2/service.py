@@ -133,6 +133,7 @@ class InstanceStatus:
     queue_depth: float | None = None
     images: float | None = None
     model: str = "-"
+    note: str = ""  # why a figure is missing
 
     @property
     def healthy(self) -> bool:
@@ -189,8 +190,21 @@ def instance_status(session: NodeSession, instance: int, token: str | None, mode
         if metrics.status == 200:
             figures = parse_figures(metrics.text)
             status.queue_depth, status.images = figures.queue_depth, figures.images
-    except (Day2Error, ValueError):
-        pass  # figures stay "-": readiness already says whether the instance serves
+        elif metrics.status in (401, 403):
+            status.note = f"/metrics refused the API key ({'none found' if token is None else 'rejected'})"
+        else:
+            status.note = f"/metrics answered HTTP {metrics.status}"
+    except Day2Error as exc:
+        status.note = str(exc).removeprefix(f"{node.name}: ")
+    except ValueError as exc:
+        status.note = f"/metrics is not Prometheus text: {exc}"
+    if status.model == "-" and token is not None:
+        # No readable manifest: the model id the service itself reports.
+        try:
+            models = session.http("GET", port, "/v1/models", token=token, timeout=15, host=host)
+            status.model = models.json()["data"][0]["id"] if models.status == 200 else "-"
+        except (Day2Error, ValueError, KeyError, IndexError, TypeError):
+            pass
     return status
 
 
