@@ -1,0 +1,236 @@
+"""sdnode's SSH layer against an in-process Paramiko SSH server on loopback: host key checks, key auth,
+commands, and HTTP through direct-tcpip channels to a real HTTP server, including sshd's refusals."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import ClassVar
+
+import paramiko
+import pytest
+from sdnode.day2 import Day2Error
+from sdnode.day2.inventory import Node
+from sdnode.day2.keys import generate_key_pair
+from sdnode.day2.remote import NodeSession
+
+
+def _pipe(a: paramiko.Channel, b: socket.socket) -> None:
+    """Copy both ways between a channel and a socket until either side closes."""
+
+    def one_way(read, write, done) -> None:
+        try:
+            while data := read(65536):
+                write(data)
+        except OSError:
+            pass
+        finally:
+            done()
+
+    threading.Thread(
+        target=one_way, args=(a.recv, b.sendall, lambda: b.shutdown(socket.SHUT_WR)), daemon=True
+    ).start()
+    threading.Thread(target=one_way, args=(b.recv, a.sendall, a.shutdown_write), daemon=True).start()
+
+
+@dataclass
+class FakeSSHD(paramiko.ServerInterface):
+    """Just enough of sshd: publickey auth for one key, exec via sh, direct-tcpip when allowed."""
+
+    client_key: paramiko.PKey
+    allow_forwarding: bool = True
+    targets: dict[int, socket.socket] = field(default_factory=dict)
+
+    def get_allowed_auths(self, username: str) -> str:
+        return "publickey"
+
+    def check_auth_publickey(self, username: str, key: paramiko.PKey) -> int:
+        ok = key.get_base64() == self.client_key.get_base64()
+        return paramiko.AUTH_SUCCESSFUL if ok else paramiko.AUTH_FAILED
+
+    def check_channel_request(self, kind: str, chanid: int) -> int:
+        return (
+            paramiko.OPEN_SUCCEEDED if kind == "session" else paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        )
+
+    def check_channel_direct_tcpip_request(self, chanid: int, origin: tuple, destination: tuple) -> int:
+        if not self.allow_forwarding:
+            return paramiko.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+        try:
+            self.targets[chanid] = socket.create_connection(destination, timeout=5)
+        except OSError:
+            return paramiko.OPEN_FAILED_CONNECT_FAILED
+        return paramiko.OPEN_SUCCEEDED
+
+    def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
+        def run() -> None:
+            proc = subprocess.run(["sh", "-c", command.decode()], capture_output=True, timeout=30)
+            channel.sendall(proc.stdout)
+            channel.sendall_stderr(proc.stderr)
+            channel.send_exit_status(proc.returncode)
+            channel.close()
+
+        threading.Thread(target=run, daemon=True).start()
+        return True
+
+
+class Server:
+    def __init__(self, host_key: paramiko.PKey, sshd: FakeSSHD) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.host_key, self.sshd = host_key, sshd
+        self.transports: list[paramiko.Transport] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            transport = paramiko.Transport(conn)
+            transport.add_server_key(self.host_key)
+            self.transports.append(transport)
+            threading.Thread(target=self._session, args=(transport,), daemon=True).start()
+
+    def _session(self, transport: paramiko.Transport) -> None:
+        try:
+            transport.start_server(server=self.sshd)
+        except (paramiko.SSHException, EOFError):
+            return
+        while transport.is_active():
+            channel = transport.accept(1)
+            if channel is not None and channel.get_id() in self.sshd.targets:
+                _pipe(channel, self.sshd.targets.pop(channel.get_id()))
+
+    def close(self) -> None:
+        self.listener.close()
+        for transport in self.transports:
+            transport.close()
+
+
+class Handler(BaseHTTPRequestHandler):
+    seen: ClassVar[list[dict]] = []
+
+    def do_GET(self) -> None:
+        Handler.seen.append({"path": self.path, "authorization": self.headers.get("Authorization")})
+        body = json.dumps({"status": "ready", "path": self.path}).encode()
+        self.send_response(200 if self.path == "/readyz" else 404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("keys")
+    out = {}
+    for name in ("host", "other_host", "client", "stranger"):
+        generate_key_pair(base / name)
+        out[name] = base / name
+    return out
+
+
+def load(path: Path) -> paramiko.PKey:
+    return paramiko.Ed25519Key.from_private_key_file(str(path))
+
+
+@pytest.fixture(scope="module")
+def http_port() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+def make_server(keys: dict[str, Path], allow_forwarding: bool = True) -> Server:
+    return Server(load(keys["host"]), FakeSSHD(load(keys["client"]), allow_forwarding))
+
+
+def known_hosts(tmp_path: Path, port: int, key: paramiko.PKey) -> Path:
+    path = tmp_path / "known_hosts"
+    path.write_text(f"[127.0.0.1]:{port} {key.get_name()} {key.get_base64()}\n")
+    return path
+
+
+def node(port: int, key: Path, known: Path) -> Node:
+    return Node(name="n1", address="127.0.0.1", port=port, user="ops", key_file=key, known_hosts=(known,))
+
+
+@pytest.fixture
+def server(keys: dict[str, Path]) -> Iterator[Server]:
+    s = make_server(keys)
+    yield s
+    s.close()
+
+
+def test_commands_and_http_over_the_connection(
+    server: Server, keys: dict, tmp_path: Path, http_port: int
+) -> None:
+    target = node(server.port, keys["client"], known_hosts(tmp_path, server.port, load(keys["host"])))
+    with NodeSession(target) as session:
+        assert session.run("echo out; echo err >&2; exit 3") == (3, "out\n", "err\n")
+        Handler.seen.clear()
+        answer = session.http("GET", http_port, "/readyz", token="s3cret-token")
+        assert (answer.status, answer.json()["status"]) == (200, "ready")
+        assert answer.headers["content-type"] == "application/json"
+        assert Handler.seen == [{"path": "/readyz", "authorization": "Bearer s3cret-token"}]
+        # Several requests over the same SSH connection, each on its own channel.
+        assert [session.http("GET", http_port, "/nope").status for _ in range(3)] == [404, 404, 404]
+
+
+def test_unknown_host_key_is_refused(server: Server, keys: dict, tmp_path: Path) -> None:
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    with pytest.raises(Day2Error, match=r"n1: host key of 127\.0\.0\.1 is not in .*known_hosts"):
+        NodeSession(node(server.port, keys["client"], empty)).open()
+
+
+def test_changed_host_key_is_refused(server: Server, keys: dict, tmp_path: Path) -> None:
+    wrong = known_hosts(tmp_path, server.port, load(keys["other_host"]))
+    with pytest.raises(Day2Error, match="does not match"):
+        NodeSession(node(server.port, keys["client"], wrong)).open()
+
+
+def test_a_key_the_node_does_not_trust(server: Server, keys: dict, tmp_path: Path) -> None:
+    known = known_hosts(tmp_path, server.port, load(keys["host"]))
+    with pytest.raises(Day2Error, match="refused the key"):
+        NodeSession(node(server.port, keys["stranger"], known)).open()
+
+
+def test_missing_known_hosts_file_is_named(keys: dict, tmp_path: Path) -> None:
+    with pytest.raises(Day2Error, match=r"known_hosts file .* does not exist"):
+        NodeSession(node(22, keys["client"], tmp_path / "absent"))
+
+
+def test_nothing_listening_on_the_node(server: Server, keys: dict, tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    with (
+        NodeSession(
+            node(server.port, keys["client"], known_hosts(tmp_path, server.port, load(keys["host"])))
+        ) as session,
+        pytest.raises(Day2Error, match="connection refused"),
+    ):
+        session.http("GET", closed, "/readyz")
+
+
+def test_forwarding_forbidden_by_sshd(keys: dict, tmp_path: Path, http_port: int) -> None:
+    strict = make_server(keys, allow_forwarding=False)
+    try:
+        target = node(strict.port, keys["client"], known_hosts(tmp_path, strict.port, load(keys["host"])))
+        with NodeSession(target) as session, pytest.raises(Day2Error, match="AllowTcpForwarding"):
+            session.http("GET", http_port, "/readyz")
+    finally:
+        strict.close()
