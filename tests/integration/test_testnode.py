@@ -174,7 +174,7 @@ class TestTwoNodes:
 
     def test_apt_and_pip_work_inside(self, pair: Pair) -> None:
         on_node(pair.state, pair.a, "DEBIAN_FRONTEND=noninteractive apt-get update -q && "
-                "DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-pip")
+                "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-pip")
         out = on_node(pair.state, pair.a, "rm -rf /root/dl && "
                       "python3 -m pip download --no-deps -d /root/dl six")
         assert "Successfully downloaded six" in out
@@ -182,7 +182,7 @@ class TestTwoNodes:
 
     def test_the_nodes_firewall_is_its_own(self, pair: Pair) -> None:
         on_node(pair.state, pair.b, "DEBIAN_FRONTEND=noninteractive apt-get update -q && "
-                "DEBIAN_FRONTEND=noninteractive apt-get install -y -q nftables")
+                "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nftables")
         on_node(pair.state, pair.b, "nft add table inet sdn_probe")
         try:
             assert "table inet sdn_probe" in on_node(pair.state, pair.b, "nft list ruleset")
@@ -298,6 +298,12 @@ def test_down_removes_everything(state: Path, ip_forward_before: str) -> None:
     assert not (state / "testnodes" / f"{name}.password").exists()
     assert name not in (state / "testnodes" / "inventory" / "hosts.yml").read_text()
     check_shared_network_after_last(ip_forward_before, {name})
+    # The root filesystem is deleted in the background; it does go.
+    for _ in range(600):
+        if not list(tn.trash_dir().glob(f"{name}-*")):
+            break
+        time.sleep(0.5)
+    assert not list(tn.trash_dir().glob(f"{name}-*"))
     again = run_testnode(state, "down", name)
     assert "no such node" in again.stderr + again.stdout
 

@@ -638,6 +638,21 @@ def remove_tree(path: Path) -> None:
     run(["rm", "-rf", "--one-file-system", path])
 
 
+def trash_dir() -> Path:
+    return nodes_dir() / ".trash"
+
+
+def discard_tree(path: Path) -> None:
+    """Move a node's tree out of the way at once and delete it in the background: removing a used root
+    filesystem can take many seconds on a busy disk, and `down` should not wait for it. gc finishes
+    whatever a killed deletion left in the trash."""
+    target = trash_dir() / f"{path.name}-{secrets.token_hex(4)}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(path, target)
+    subprocess.Popen(["rm", "-rf", "--one-file-system", str(target)], stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Supervisor: keeps systemd-nspawn running across reboots (status 133), stops on anything else
 
@@ -862,7 +877,7 @@ def _remove_node_resources(name: str, address: str | None, cgroup: str | None = 
     kill_node_processes(name)
     remove_node_network(name, address)
     if node_dir(name).exists():
-        remove_tree(node_dir(name))
+        discard_tree(node_dir(name))
     if cgroup:
         remove_cgroup(Path(cgroup))
 
@@ -1015,10 +1030,15 @@ def gc(log: Any = print) -> list[str]:
         base = nodes_dir()
         if base.is_dir():
             for entry in sorted(base.iterdir()):
-                if entry.is_dir() and entry.name not in live:
+                if entry.is_dir() and not entry.name.startswith(".") and entry.name not in live:
                     kill_node_processes(entry.name)
-                    remove_tree(entry)
+                    discard_tree(entry)
                     removed.append(f"node dir {entry}")
+        if trash_dir().is_dir():
+            for entry in sorted(trash_dir().iterdir()):
+                # A background deletion may still be at it: both rm -rf tolerate the other's work.
+                run(["rm", "-rf", "--one-file-system", entry], check=False)
+                removed.append(f"trash {entry}")
         group = memory_cgroup("x")
         if group is not None and group.parent.is_dir():
             for stale in group.parent.glob("sdnode-*"):
