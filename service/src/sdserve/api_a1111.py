@@ -1,3 +1,290 @@
-from fastapi import APIRouter
+"""AUTOMATIC1111-compatible API: POST /sdapi/v1/txt2img and the discovery routes clients call.
 
-router = APIRouter()
+Clients such as `webuiapi` send every A1111 field with its default. Each field is
+honoured, accepted at its default (or ignored where A1111 ignores it, e.g. the
+hires-fix fields while enable_hr is false), or refused with a 422 naming it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from . import __version__
+from .api_openai import _write
+from .engine import MAX_SEED, GenParams
+from .images import Infotext, encode_png
+from .schedulers import SAMPLERS, SCHEDULES
+from .service import Service, authenticate, new_id
+from .validation import Problem, build_params, check_prompt
+
+router = APIRouter(prefix="/sdapi/v1")
+
+
+class Txt2ImgRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    # Honoured.
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = Field(-1, ge=-1, le=MAX_SEED)
+    steps: int | None = Field(None, ge=1)
+    cfg_scale: float = Field(7.0, ge=0, le=30)
+    width: int = Field(512, ge=1)
+    height: int = Field(512, ge=1)
+    batch_size: int = Field(1, ge=1)
+    n_iter: int = Field(1, ge=1)
+    sampler_name: str | None = None
+    sampler_index: str | None = None  # deprecated alias of sampler_name
+    scheduler: str | None = None
+    eta: float | None = Field(None, ge=0, le=1)
+    send_images: bool = True
+    save_images: bool = False
+    override_settings: dict[str, Any] = Field(default_factory=dict)
+    # Accepted with any value: they do not change what is generated here.
+    override_settings_restore_afterwards: bool = True
+    do_not_save_samples: bool = False
+    do_not_save_grid: bool = False
+    enable_hr: bool = False
+
+
+# Fields accepted only at these values (A1111's and webuiapi's defaults).
+_AT_DEFAULT: dict[str, tuple] = {
+    "restore_faces": (None, False),
+    "tiling": (None, False),
+    "subseed_strength": (None, 0, 0.0),
+    "seed_resize_from_h": (None, -1, 0),
+    "seed_resize_from_w": (None, -1, 0),
+    "s_churn": (None, 0, 0.0),
+    "s_tmin": (None, 0, 0.0),
+    "s_tmax": (None, 0, 0.0),
+    "s_noise": (None, 1, 1.0),
+    "styles": (None, []),
+    "script_name": (None, ""),
+    "script_args": (None, []),
+    "alwayson_scripts": (None, {}),
+    "refiner_checkpoint": (None, ""),
+    "refiner_switch_at": (None, 0, 0.0),
+    "disable_extra_networks": (None, False),
+    "firstpass_image": (None, ""),
+}
+# Ignored whatever their value: A1111 ignores them too unless enable_hr is on (refused above),
+# or they only name things (subseed without strength, comments, task ids).
+_IGNORED = {
+    "denoising_strength", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler",
+    "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name",
+    "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_additional_modules", "subseed", "comments",
+    "force_task_id", "infotext", "user", "include_init_images",
+}  # fmt: skip
+
+
+def _empty(value: Any) -> bool:
+    return value in (None, False, 0, "", [], {})
+
+
+def check_unsupported(service: Service, body: Txt2ImgRequest) -> None:
+    if body.enable_hr:
+        raise Problem(
+            "enable_hr: hires fix is not supported by this service; generate at the target size instead",
+            "enable_hr",
+        )
+    for name, value in (body.model_extra or {}).items():
+        if name in _AT_DEFAULT:
+            if value not in _AT_DEFAULT[name]:
+                raise Problem(
+                    f"{name}: not supported by this service; leave it at its default {_AT_DEFAULT[name][-1]!r}",
+                    name,
+                )
+        elif name not in _IGNORED and not _empty(value):
+            raise Problem(f"{name}: unknown or unsupported field (set to {value!r})", name)
+    for key, value in body.override_settings.items():
+        if key == "sd_model_checkpoint" and value in (service.model_id, _title(service)):
+            continue
+        if key == "CLIP_stop_at_last_layers" and value == 1:
+            continue
+        if key == "samples_format" and value == "png":
+            continue
+        raise Problem(
+            f"override_settings.{key}: cannot be changed on this service (got {value!r})",
+            f"override_settings.{key}",
+        )
+    if body.save_images and service.settings.output_dir is None:
+        raise Problem("save_images: needs SDSERVE_OUTPUT_DIR on the server", "save_images")
+
+
+def _title(service: Service) -> str:
+    rev = service.settings.model_revision
+    return f"{service.model_id} [{rev[:10]}]" if rev else service.model_id
+
+
+@router.post("/txt2img")
+async def txt2img(body: Txt2ImgRequest, request: Request, key_name: str = Depends(authenticate)):
+    service: Service = request.app.state.service
+    check_unsupported(service, body)
+    check_prompt(service.settings, body.prompt, "prompt")
+    check_prompt(service.settings, body.negative_prompt, "negative_prompt")
+    n = body.batch_size * body.n_iter
+    params: GenParams = build_params(
+        service.settings,
+        width=body.width,
+        height=body.height,
+        n=n,
+        steps=body.steps,
+        guidance=body.cfg_scale,
+        sampler=body.sampler_name or body.sampler_index,
+        schedule=body.scheduler,
+        has_negative=bool(body.negative_prompt),
+        eta=body.eta,
+        names={"n": "batch_size", "pixels": "batch_size", "scheduler": "sampler_name"},
+    )
+    req = service.submit(
+        params, body.prompt, body.negative_prompt, n, body.seed, key_name, request.state.request_id
+    )
+    images = await service.wait(request, req)
+    infotexts = [
+        str(Infotext(body.prompt, body.negative_prompt, params, s, service.model_id)) for s in req.seeds
+    ]
+    pngs = [await service.run_png(encode_png, im, text) for im, text in zip(images, infotexts, strict=True)]
+    if body.save_images:
+        for png in pngs:
+            await service.run_png(_write, service.settings.output_dir / f"{new_id('a1111')}.png", png)
+    b64 = [base64.b64encode(p).decode("ascii") for p in pngs] if body.send_images else []
+    info = {
+        "prompt": body.prompt,
+        "all_prompts": [body.prompt] * n,
+        "negative_prompt": body.negative_prompt,
+        "all_negative_prompts": [body.negative_prompt] * n,
+        "seed": req.seeds[0],
+        "all_seeds": req.seeds,
+        "subseed": -1,
+        "all_subseeds": [-1] * n,
+        "subseed_strength": 0,
+        "width": params.width,
+        "height": params.height,
+        "sampler_name": params.scheduler.sampler.name,
+        "scheduler": params.scheduler.schedule.name,
+        "cfg_scale": params.guidance,
+        "steps": params.steps,
+        "batch_size": body.batch_size,
+        "n_iter": body.n_iter,
+        "restore_faces": False,
+        "sd_model_name": service.model_id,
+        "sd_model_hash": service.settings.model_revision or None,
+        "seed_resize_from_w": -1,
+        "seed_resize_from_h": -1,
+        "denoising_strength": None,
+        "extra_generation_params": {"Schedule type": params.scheduler.schedule.label},
+        "index_of_first_image": 0,
+        "infotexts": infotexts,
+        "styles": [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"),
+        "clip_skip": 1,
+        "is_using_inpainting_conditioning": False,
+        "version": f"sdserve {__version__}",
+    }
+    parameters = body.model_dump()
+    parameters.update(
+        steps=params.steps,
+        sampler_name=params.scheduler.sampler.name,
+        scheduler=params.scheduler.schedule.name,
+    )
+    return {"images": b64, "parameters": parameters, "info": json.dumps(info)}
+
+
+@router.get("/samplers")
+async def samplers(key_name: str = Depends(authenticate)):
+    return [
+        {"name": s.name, "aliases": list(s.aliases), "options": {"scheduler": s.default_schedule}}
+        for s in SAMPLERS
+    ]
+
+
+@router.get("/schedulers")
+async def schedulers(key_name: str = Depends(authenticate)):
+    return [
+        {"name": s.name, "label": s.label, "aliases": None, "default_rho": -1, "need_inner_model": False}
+        for s in SCHEDULES
+    ]
+
+
+@router.get("/sd-models")
+async def sd_models(request: Request, key_name: str = Depends(authenticate)):
+    service: Service = request.app.state.service
+    path = service.settings.model
+    return [
+        {
+            "title": _title(service),
+            "model_name": service.model_id,
+            "hash": service.settings.model_revision[:10] or None,
+            "sha256": None,
+            "filename": str(path.resolve()) if path else "",
+            "config": None,
+        }
+    ]
+
+
+@router.get("/options")
+async def get_options(request: Request, key_name: str = Depends(authenticate)):
+    service: Service = request.app.state.service
+    return {
+        "sd_model_checkpoint": _title(service),
+        "sd_checkpoint_hash": service.settings.model_revision or None,
+        "samples_format": "png",
+        "CLIP_stop_at_last_layers": 1,
+        "sd_vae": "Automatic",
+    }
+
+
+@router.post("/options")
+async def set_options(body: dict[str, Any], request: Request, key_name: str = Depends(authenticate)):
+    """Only no-op changes: one model per process, chosen by the operator."""
+    service: Service = request.app.state.service
+    current = await get_options(request, key_name)
+    for key, value in body.items():
+        if key == "sd_model_checkpoint" and value in (service.model_id, _title(service)):
+            continue
+        if current.get(key, object()) != value:
+            raise Problem(f"{key}: options cannot be changed on this service (got {value!r})", key)
+    return None
+
+
+@router.get("/progress")
+async def progress(request: Request, key_name: str = Depends(authenticate)):
+    service: Service = request.app.state.service
+    engine = service.engine
+    current = dict(engine.current)
+    steps = current.get("steps") or 0
+    step = current.get("step") or 0
+    fraction = step / steps if steps else 0.0
+    eta = None
+    if steps and step:
+        eta = (time.time() - current["started"]) / step * (steps - step)
+    return {
+        "progress": round(fraction, 4),
+        "eta_relative": round(eta, 3) if eta is not None else 0.0,
+        "state": {
+            "skipped": False,
+            "interrupted": False,
+            "stopping_generation": False,
+            "job": "txt2img" if steps else "",
+            "job_count": engine.queue_depth + (1 if engine.busy else 0),
+            "job_timestamp": time.strftime(
+                "%Y%m%d%H%M%S", time.localtime(current.get("started", time.time()))
+            ),
+            "job_no": 0,
+            "sampling_step": step,
+            "sampling_steps": steps,
+        },
+        "current_image": None,
+        "textinfo": None,
+    }
+
+
+@router.get("/scripts")
+async def scripts(key_name: str = Depends(authenticate)):
+    return {"txt2img": [], "img2img": []}

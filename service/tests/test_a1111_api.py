@@ -1,0 +1,175 @@
+"""AUTOMATIC1111 API over real HTTP with the webuiapi client, Basic auth included."""
+
+from __future__ import annotations
+
+import base64
+
+import httpx
+import pytest
+import webuiapi
+
+from sdserve.keys import key_line
+
+KEY = "a1111-key-0123456789abcdef0123456789"
+
+
+@pytest.fixture(scope="module")
+def a1111(tiny_model, tmp_path_factory):
+    from conftest import SIZE, LiveServer, free_port
+
+    from sdserve.app import create_app
+    from sdserve.settings import Settings
+
+    keys = tmp_path_factory.mktemp("keys") / "api-keys"
+    keys.write_text(key_line(KEY, "webui") + "\n")
+    settings = Settings(
+        model=tiny_model,
+        cache_dir=tmp_path_factory.mktemp("c"),
+        warmup_sizes=SIZE,
+        warmup_steps=1,
+        api_keys_file=keys,
+        model_revision="abc1234def5678",
+        output_dir=tmp_path_factory.mktemp("out"),
+    )
+    server = LiveServer(create_app(settings), free_port()).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def api(a1111):
+    return webuiapi.WebUIApi(
+        host="127.0.0.1", port=a1111.port, username="anyone", password=KEY, sampler="Euler a", steps=3
+    )
+
+
+def auth() -> dict:
+    return {"Authorization": "Basic " + base64.b64encode(f"u:{KEY}".encode()).decode()}
+
+
+def test_txt2img_with_webuiapi(api):
+    result = api.txt2img(
+        prompt="a castle",
+        negative_prompt="fog",
+        seed=1234,
+        width=64,
+        height=64,
+        batch_size=2,
+        n_iter=2,
+        cfg_scale=6,
+    )
+    assert len(result.images) == 4 and all(im.size == (64, 64) for im in result.images)
+    assert result.info["all_seeds"] == [1234, 1235, 1236, 1237] and result.info["seed"] == 1234
+    assert result.info["sampler_name"] == "Euler a" and result.info["steps"] == 3
+    assert (
+        "Negative prompt: fog" in result.info["infotexts"][0] and "Seed: 1237" in result.info["infotexts"][3]
+    )
+    assert result.images[0].info["parameters"] == result.info["infotexts"][0]
+    assert result.parameters["prompt"] == "a castle"
+
+
+def test_seed_minus_one_is_random_and_reported(api):
+    result = api.txt2img(prompt="x", seed=-1, width=64, height=64)
+    assert 0 <= result.info["seed"] <= 2**32 - 1
+
+
+def test_same_seed_same_image(api):
+    a = api.txt2img(prompt="x", seed=5, width=64, height=64, sampler_name="DPM++ 2M", scheduler="Karras")
+    b = api.txt2img(prompt="x", seed=5, width=64, height=64, sampler_name="DPM++ 2M Karras")
+    assert a.images[0].tobytes() == b.images[0].tobytes()
+    assert a.info["extra_generation_params"]["Schedule type"] == "Karras"
+
+
+def test_unhonourable_field_is_422_naming_it(api):
+    with pytest.raises(RuntimeError) as e:
+        api.txt2img(prompt="x", width=64, height=64, enable_hr=True)
+    status, text = e.value.args
+    assert status == 422 and "enable_hr" in text
+    with pytest.raises(RuntimeError) as e:
+        api.txt2img(prompt="x", width=64, height=64, restore_faces=True)
+    assert e.value.args[0] == 422 and "restore_faces" in e.value.args[1]
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"width": 100}, "width"),
+        ({"sampler_name": "Quantum"}, "sampler_name"),
+        ({"scheduler": "wobbly"}, "sampler_name"),
+        ({"batch_size": 17}, "batch_size"),
+        ({"tiling": True}, "tiling"),
+        (
+            {"override_settings": {"sd_model_checkpoint": "other.safetensors"}},
+            "override_settings.sd_model_checkpoint",
+        ),
+        ({"brand_new_field": "on"}, "brand_new_field"),
+        ({"sampler_name": "Euler a", "eta": 0.5}, "eta"),
+        ({"save_images": "maybe"}, "save_images"),
+    ],
+)
+def test_validation(a1111, extra, param):
+    r = httpx.post(
+        a1111.url + "/sdapi/v1/txt2img",
+        json={"prompt": "x", "width": 64, "height": 64, "steps": 2, **extra},
+        headers=auth(),
+    )
+    assert r.status_code == 422, r.text
+    assert r.json()["param"] == param and r.json()["detail"]
+
+
+def test_accepts_fields_at_defaults_and_harmless_extras(a1111):
+    body = {"prompt": "x", "width": 64, "height": 64, "steps": 2, "override_settings": {"sd_model_checkpoint": "tiny-sd"},
+            "brand_new_flag": False, "hr_scale": 4, "subseed": 77, "send_images": False, "save_images": True}  # fmt: skip
+    r = httpx.post(a1111.url + "/sdapi/v1/txt2img", json=body, headers=auth())
+    assert r.status_code == 200, r.text
+    assert r.json()["images"] == []
+    assert list(a1111.app.state.service.settings.output_dir.glob("a1111-*.png"))
+
+
+def test_auth_required(a1111):
+    assert httpx.post(a1111.url + "/sdapi/v1/txt2img", json={"prompt": "x"}).status_code == 401
+    bad = {"Authorization": "Basic " + base64.b64encode(b"u:wrong-key-wrong-key").decode()}
+    r = httpx.get(a1111.url + "/sdapi/v1/samplers", headers=bad)
+    assert r.status_code == 401 and "Basic" in r.headers["www-authenticate"]
+
+
+def test_discovery_routes(api, a1111):
+    samplers = api.get_samplers()
+    assert {"Euler a", "DPM++ 2M", "PNDM", "DDIM", "UniPC"} <= {s["name"] for s in samplers}
+    schedulers = httpx.get(a1111.url + "/sdapi/v1/schedulers", headers=auth()).json()
+    assert {"automatic", "karras", "exponential"} <= {s["name"] for s in schedulers}
+    models = api.get_sd_models()
+    assert models[0]["model_name"] == "tiny-sd" and models[0]["title"] == "tiny-sd [abc1234def]"
+    options = api.get_options()
+    assert options["sd_model_checkpoint"] == "tiny-sd [abc1234def]"
+    api.util_set_model("tiny-sd")  # the loaded model: a no-op, accepted
+    r = httpx.post(a1111.url + "/sdapi/v1/options", json={"sd_model_checkpoint": "sdxl"}, headers=auth())
+    assert r.status_code == 422 and r.json()["param"] == "sd_model_checkpoint"
+    progress = api.get_progress()
+    assert progress["state"]["job_count"] == 0 and progress["progress"] == 0
+    assert api.get_scripts() == {"txt2img": [], "img2img": []}
+
+
+def test_progress_during_a_generation(a1111):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import Gate
+
+    engine = a1111.engine
+    gate = Gate()
+    engine.before_pipeline_call = gate
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            f = pool.submit(httpx.post, a1111.url + "/sdapi/v1/txt2img", json={"prompt": "x", "width": 64, "height": 64, "steps": 3},
+                            headers=auth(), timeout=60)  # fmt: skip
+            gate.entered.wait(30)
+            p = httpx.get(a1111.url + "/sdapi/v1/progress", headers=auth()).json()
+            assert (
+                p["state"]["sampling_steps"] == 3
+                and p["state"]["job_count"] == 1
+                and p["state"]["job"] == "txt2img"
+            )
+            gate.open()
+            assert f.result().status_code == 200
+    finally:
+        engine.before_pipeline_call = None
