@@ -226,11 +226,27 @@ def test_nothing_listening_on_the_node(server: Server, keys: dict, tmp_path: Pat
         session.http("GET", closed, "/readyz")
 
 
-def test_forwarding_forbidden_by_sshd(keys: dict, tmp_path: Path, http_port: int) -> None:
+def test_forwarding_forbidden_by_sshd_falls_back_to_the_nodes_python(
+    keys: dict, tmp_path: Path, http_port: int
+) -> None:
+    """AllowTcpForwarding no: the same request, made on the node by its python3, same answer."""
     strict = make_server(keys, allow_forwarding=False)
     try:
         target = node(strict.port, keys["client"], known_hosts(tmp_path, strict.port, load(keys["host"])))
-        with NodeSession(target) as session, pytest.raises(Day2Error, match="AllowTcpForwarding"):
-            session.http("GET", http_port, "/readyz")
+        with NodeSession(target) as session:
+            Handler.seen.clear()
+            answer = session.http("GET", http_port, "/readyz", token="s3cret-token")
+            assert (answer.status, answer.json()["status"]) == (200, "ready")
+            assert answer.headers["content-type"] == "application/json"
+            assert session.http("GET", http_port, "/nope").status == 404  # an error status is an answer
+            assert Handler.seen == [
+                {"path": "/readyz", "authorization": "Bearer s3cret-token"},
+                {"path": "/nope", "authorization": None},
+            ]
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                closed = s.getsockname()[1]
+            with pytest.raises(Day2Error, match=r"cannot connect to .*Connection refused"):
+                session.http("GET", closed, "/readyz")
     finally:
         strict.close()

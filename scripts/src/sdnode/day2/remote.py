@@ -4,7 +4,9 @@ the service needs no open port and the node needs no curl."""
 
 from __future__ import annotations
 
+import base64
 import json
+import shlex
 import socket
 from pathlib import Path
 from typing import Any
@@ -62,11 +64,34 @@ def describe_connect_error(node: Node, exc: BaseException) -> str:
     return f"{node.name}: SSH to {where} failed: {exc}"
 
 
+OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED = paramiko.common.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
 # RFC 4254 channel-open failures, as an operator would want them explained.
 FORWARD_FAILURES = {
-    paramiko.common.OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED: "sshd forbids it (AllowTcpForwarding)",
+    OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED: "sshd forbids it (AllowTcpForwarding)",
     paramiko.common.OPEN_FAILED_CONNECT_FAILED: "connection refused (nothing listens there)",
 }
+
+# The same request made by the node's own Python (stdlib only) when sshd forbids TCP forwarding
+# (AllowTcpForwarding no): the request goes in as base64 JSON in argv, the answer comes back on stdout.
+_NODE_HTTP = """
+import base64, json, sys, urllib.error, urllib.request
+r = json.loads(base64.b64decode(sys.argv[1]))
+req = urllib.request.Request(r["url"], data=base64.b64decode(r["body"]) or None, method=r["method"],
+                             headers=r["headers"])
+try:
+    resp = urllib.request.urlopen(req, timeout=r["timeout"])
+except urllib.error.HTTPError as e:
+    resp = e
+except OSError as e:
+    json.dump({"error": str(getattr(e, "reason", e))}, sys.stdout)
+    sys.exit(0)
+json.dump({"status": resp.status, "headers": dict(resp.headers.items()),
+           "body": base64.b64encode(resp.read()).decode()}, sys.stdout)
+"""
+
+
+class _ForwardingForbidden(httpcore.ConnectError):
+    """sshd refused the direct-tcpip channel by policy (not because nothing listens)."""
 
 
 class _ChannelStream(httpcore.NetworkStream):
@@ -111,7 +136,12 @@ class _SSHBackend(httpcore.NetworkBackend):
             )
         except paramiko.ChannelException as exc:
             reason = FORWARD_FAILURES.get(exc.code, exc.text)
-            raise httpcore.ConnectError(f"{host}:{port} on the node: {reason}") from None
+            error = (
+                _ForwardingForbidden
+                if exc.code == OPEN_FAILED_ADMINISTRATIVELY_PROHIBITED
+                else httpcore.ConnectError
+            )
+            raise error(f"{host}:{port} on the node: {reason}") from None
         except (paramiko.SSHException, OSError) as exc:
             raise httpcore.ConnectError(f"{host}:{port} on the node: {exc}") from None
         return _ChannelStream(channel)
@@ -159,6 +189,7 @@ class NodeSession:
         # Fabric's own client auto-adds unknown host keys; ours rejects them.
         self.connection.client = host_key_client(node.known_hosts)
         self._pool: httpcore.ConnectionPool | None = None
+        self._forwarding = True  # False once sshd refused a direct-tcpip channel by policy
 
     def open(self) -> NodeSession:
         try:
@@ -205,6 +236,9 @@ class NodeSession:
     ) -> HTTPResult:
         """One HTTP request to `host`:`port` as seen from the node (its loopback by default); raises
         Day2Error when it cannot be made. An HTTP error status is a result, not an exception."""
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}{path}"
+        if not self._forwarding:
+            return self._http_by_node(method, url, port, path, token, body, timeout)
         if self._pool is None:
             transport = self.connection.transport
             if transport is None or not transport.is_active():
@@ -220,7 +254,7 @@ class NodeSession:
         try:
             response = self._pool.request(
                 method,
-                f"http://{f'[{host}]' if ':' in host else host}:{port}{path}",
+                url,
                 headers=headers,
                 content=content,
                 extensions={"timeout": {"connect": 15.0, "read": timeout, "write": 30.0, "pool": timeout}},
@@ -229,6 +263,9 @@ class NodeSession:
             raise Day2Error(
                 f"{self.node.name}: {method} {path} on port {port}: no answer in {timeout:.0f} s"
             ) from None
+        except _ForwardingForbidden:
+            self._forwarding = False
+            return self._http_by_node(method, url, port, path, token, body, timeout)
         except httpcore.ConnectError as exc:
             raise Day2Error(f"{self.node.name}: {method} {path}: cannot connect to {exc}") from None
         except httpcore.NetworkError as exc:
@@ -239,3 +276,40 @@ class NodeSession:
             ) from None
         decoded = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in response.headers}
         return HTTPResult(response.status, decoded, response.content)
+
+    def _http_by_node(
+        self, method: str, url: str, port: int, path: str, token: str | None, body: Any, timeout: float
+    ) -> HTTPResult:
+        """The request made on the node by its python3 (for sshd with AllowTcpForwarding no)."""
+        headers = {"Accept": "*/*"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        content = b""
+        if body is not None:
+            content = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        request = {
+            "url": url,
+            "method": method,
+            "headers": headers,
+            "timeout": timeout,
+            "body": base64.b64encode(content).decode(),
+        }
+        python = str(self.node.vars.get("ansible_python_interpreter") or "python3")
+        if "{{" in python or python == "auto" or python.startswith("auto_"):
+            python = "python3"
+        argv = [python, "-c", _NODE_HTTP, base64.b64encode(json.dumps(request).encode()).decode()]
+        rc, out, err = self.run(shlex.join(argv), timeout=timeout + 15)
+        try:
+            answer = json.loads(out)
+        except json.JSONDecodeError:
+            detail = (err.strip().splitlines() or [f"rc={rc}"])[-1]
+            raise Day2Error(
+                f"{self.node.name}: {method} {path} on port {port} (via the node's {python}): {detail}"
+            ) from None
+        if "error" in answer:
+            raise Day2Error(
+                f"{self.node.name}: {method} {path}: cannot connect to {url} on the node: {answer['error']}"
+            )
+        headers_out = {k.lower(): v for k, v in answer["headers"].items()}
+        return HTTPResult(answer["status"], headers_out, base64.b64decode(answer["body"]))
