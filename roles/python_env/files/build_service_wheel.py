@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""Build the service wheel on the controller and print its content digest as JSON.
+
+The digest hashes each archive member's name and bytes (not the zip's timestamps), so the same
+source gives the same release id on every run and every controller.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+
+def content_digest(wheel: Path) -> str:
+    h = hashlib.sha256()
+    with zipfile.ZipFile(wheel) as zf:
+        for name in sorted(zf.namelist()):
+            h.update(name.encode() + b"\0" + hashlib.sha256(zf.read(name)).digest())
+    return h.hexdigest()
+
+
+def source_digest(src: Path) -> str:
+    """Digest of what goes into the wheel: an unchanged tree reuses the wheel built from it."""
+    h = hashlib.sha256()
+    files = [src / "pyproject.toml", src / "README.md", *(src / "src").rglob("*")]
+    for p in sorted(f for f in files if f.is_file() and "__pycache__" not in f.parts and ".egg-info" not in str(f)):
+        h.update(p.relative_to(src).as_posix().encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def main() -> int:
+    src, out = Path(sys.argv[1]).resolve(), Path(sys.argv[2]).resolve()
+    if not (src / "pyproject.toml").is_file():
+        print(f"build_service_wheel: no pyproject.toml in {src}", file=sys.stderr)
+        return 2
+    memo = out / "by-source" / f"{source_digest(src)}.json"
+    if memo.is_file():
+        cached = json.loads(memo.read_text())
+        if Path(cached["path"]).is_file():
+            print(json.dumps(cached))
+            return 0
+    env = dict(os.environ, SOURCE_DATE_EPOCH="315532800", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    with tempfile.TemporaryDirectory() as tmp:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", tmp, str(src)],
+            check=True, env=env, stdout=sys.stderr,
+        )
+        (built,) = Path(tmp).glob("*.whl")
+        digest = content_digest(built)
+        dest_dir = out / digest[:16]
+        dest = dest_dir / built.name
+        if not dest.exists():  # same content: keep the first file, so its bytes (and sha256) stay put
+            dest_dir.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(built), dest)
+    sha = hashlib.sha256(dest.read_bytes()).hexdigest()
+    result = json.dumps({"path": str(dest), "name": dest.name, "digest": digest, "sha256": sha})
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    memo.write_text(result)
+    print(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
