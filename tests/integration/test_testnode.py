@@ -328,6 +328,10 @@ def test_gc_cleans_a_killed_run_and_spares_live_nodes(state: Path, ip_forward_be
         # ... and an `up` killed half-way: a namespace and a root filesystem, no record.
         subprocess.run(["ip", "netns", "add", tn.netns_name(half)], check=True)
         (tn.rootfs_path(half) / "etc").mkdir(parents=True)
+        # ... and a root filesystem build killed inside debootstrap, with /proc still mounted in it.
+        build = tn.cache_dir() / f".build-{RUN_ID}"
+        (build / "root" / "proc").mkdir(parents=True)
+        subprocess.run(["mount", "-t", "proc", "proc", str(build / "root" / "proc")], check=True)
 
         statuses = {n["name"]: n["status"] for n in json.loads(run_testnode(state, "list", "--json").stdout)}
         assert statuses[killed] == "dead" and statuses[survivor] == "running"
@@ -343,6 +347,8 @@ def test_gc_cleans_a_killed_run_and_spares_live_nodes(state: Path, ip_forward_be
             assert tn.netns_name(name) not in tn.netns_list()
         assert tn.veth_name(addresses[killed]) not in host_links()
         assert tn.stray_pids({killed}) == []
+        assert not build.exists()
+        assert str(build) not in Path("/proc/self/mounts").read_text()
         # The live node is untouched and still reachable.
         assert on_node(state, survivor, "hostname") == survivor
         assert tn.veth_name(addresses[survivor]) in host_links()
@@ -351,6 +357,9 @@ def test_gc_cleans_a_killed_run_and_spares_live_nodes(state: Path, ip_forward_be
         run_testnode(state, "down", survivor, check=False)
         run_testnode(state, "down", killed, check=False)
         subprocess.run(["ip", "netns", "delete", tn.netns_name(half)], capture_output=True)
+        build = tn.cache_dir() / f".build-{RUN_ID}"
+        subprocess.run(["umount", "-l", str(build / "root" / "proc")], capture_output=True)
+        subprocess.run(["rm", "-rf", "--one-file-system", str(build)], check=True)
     check_shared_network_after_last(ip_forward_before, {killed, survivor, half})
 
 

@@ -1034,6 +1034,7 @@ def gc(log: Any = print) -> list[str]:
                     kill_node_processes(entry.name)
                     discard_tree(entry)
                     removed.append(f"node dir {entry}")
+        removed += _gc_rootfs_builds()
         if trash_dir().is_dir():
             for entry in sorted(trash_dir().iterdir()):
                 # A background deletion may still be at it: both rm -rf tolerate the other's work.
@@ -1058,6 +1059,28 @@ def gc(log: Any = print) -> list[str]:
     if not removed:
         log("nothing to clean")
     return removed
+
+
+def _gc_rootfs_builds() -> list[str]:
+    """Remove root filesystem builds a killed `up` left in the cache (debootstrap may leave /proc and
+    /sys mounted inside), unless a build is running right now."""
+    cache = cache_dir()
+    builds = sorted(cache.glob(".build-*")) if cache.is_dir() else []
+    if not builds:
+        return []
+    with open(cache / ".rootfs.lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return []  # a build is in progress
+        removed = []
+        for build in builds:
+            mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+            for mount in sorted((m for m in mounts if m.startswith(f"{build}/")), reverse=True):
+                run(["umount", "-l", mount], check=False)
+            remove_tree(build)
+            removed.append(f"unfinished build {build}")
+        return removed
 
 
 def _node_of_pid(pid: int) -> str | None:
