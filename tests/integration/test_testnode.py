@@ -389,3 +389,19 @@ def test_an_interrupted_up_leaves_nothing(state: Path, sig: signal.Signals) -> N
         proc.kill()
         proc.wait()
         run_testnode(state, "down", name, check=False)
+
+
+def test_cached_root_filesystem_carries_no_identity(state: Path) -> None:
+    tarball = tn.rootfs_tarball()
+    if not tarball.exists():
+        run_testnode(state, "up", node_name("h"))
+        run_testnode(state, "down", node_name("h"))
+    members = subprocess.run(["tar", "-tf", str(tarball)], capture_output=True, text=True, check=True).stdout
+    names = {m.removeprefix("./") for m in members.splitlines()}
+    assert not [n for n in names if n.startswith("etc/ssh/ssh_host_")]
+    assert "usr/sbin/sshd" in names and "usr/lib/systemd/systemd" in names
+    for cert in tn.HOST_CA_DIR.rglob("*.crt"):
+        assert f"usr/local/share/ca-certificates/{cert.relative_to(tn.HOST_CA_DIR)}" in names
+    machine_id = subprocess.run(["tar", "-xOf", str(tarball), "./etc/machine-id"], capture_output=True,
+                                check=True).stdout
+    assert machine_id == b""
