@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,8 @@ READY_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 15.0
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}[a-z0-9]$|^[a-z]$")
 GROUP = "sdnodes"
+
+Log = Callable[[str], object]  # where progress messages go
 
 
 class TestnodeError(Exception):
@@ -426,7 +428,7 @@ def sources_list() -> str:
             f"deb {SECURITY_MIRROR} {SUITE}-security main\n")
 
 
-def ensure_rootfs_tarball(log: Any = print) -> Path:
+def ensure_rootfs_tarball(log: Log = print) -> Path:
     """Build the cached root filesystem once (about a minute); concurrent callers wait for one build."""
     recipe = rootfs_recipe()
     tarball = rootfs_tarball(recipe)
@@ -764,7 +766,7 @@ def wait_ready(record: NodeRecord, base: Path, timeout: float = READY_TIMEOUT_S)
                         f"{log_tail(base, record.name)}")
 
 
-def up(name: str, *, password_login: bool = False, memory: int | None = None, log: Any = print) -> NodeRecord:
+def up(name: str, *, password_login: bool = False, memory: int | None = None, log: Log = print) -> NodeRecord:
     validate_name(name)
     require_root("up")
     require_host_tools()
@@ -895,7 +897,7 @@ def remove_cgroup(group: Path) -> None:
     print(f"testnode: warning: could not remove cgroup {group}", file=sys.stderr)
 
 
-def down(name: str, *, log: Any = print) -> bool:
+def down(name: str, *, log: Log = print) -> bool:
     """Stop a node and remove everything it made; True if there was a node. Idempotent."""
     validate_name(name)
     require_root("down")
@@ -995,7 +997,7 @@ def write_inventory(base: Path, output: Path | None = None, group_vars: Path | N
 # gc: remove what killed runs left behind, never touching live nodes
 
 
-def gc(log: Any = print) -> list[str]:
+def gc(log: Log = print) -> list[str]:
     require_root("gc")
     removed: list[str] = []
     with host_lock():
@@ -1107,7 +1109,7 @@ def missing_host_packages() -> list[str]:
     return missing
 
 
-def host_setup(log: Any = print) -> list[str]:
+def host_setup(log: Log = print) -> list[str]:
     require_root("host-setup")
     missing = missing_host_packages()
     if not missing:
@@ -1148,7 +1150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-vars", type=Path, help="link this directory as group_vars beside the inventory")
     sub.add_parser("gc", help="remove what killed runs left behind (live nodes are kept)")
     sub.add_parser("host-setup", help="install the host packages test nodes need (root)")
-    p = sub.add_parser("_supervise", help=argparse.SUPPRESS)
+    p = sub.add_parser("_supervise")  # internal: the per-node supervisor
     p.add_argument("name")
     p.add_argument("memory_bytes", type=int, help="0: no limit")
     p.add_argument("argv", nargs=argparse.REMAINDER)
