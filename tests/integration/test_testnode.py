@@ -405,3 +405,24 @@ def test_cached_root_filesystem_carries_no_identity(state: Path) -> None:
     machine_id = subprocess.run(["tar", "-xOf", str(tarball), "./etc/machine-id"], capture_output=True,
                                 check=True).stdout
     assert machine_id == b""
+
+
+def test_gc_removes_nodes_whose_checkout_is_gone(tmp_path: Path, ip_forward_before: str) -> None:
+    """A fresh clone (CI) starts with `testnode gc`: nodes of a deleted checkout can never be reached
+    again (their key went with it), so they go even though they still run."""
+    gone_state = tmp_path / "deleted-checkout"
+    name = node_name("o")
+    address = up_together(gone_state, [name])[name]
+    try:
+        record = tn.load_record(name)
+        assert record is not None and record.is_running()
+        subprocess.run(["rm", "-rf", str(gone_state)], check=True)
+        out = run_testnode(tmp_path / "fresh-clone", "gc").stdout
+        assert f"orphaned node {name}" in out
+        assert tn.load_record(name) is None
+        assert not tn.proc_alive(record.supervisor_pid, record.supervisor_start)
+        assert tn.netns_name(name) not in tn.netns_list()
+        assert tn.veth_name(address) not in host_links()
+    finally:
+        run_testnode(tmp_path, "down", name, check=False)
+    check_shared_network_after_last(ip_forward_before, {name})
