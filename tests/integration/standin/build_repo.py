@@ -49,7 +49,10 @@ def ensure_tools() -> None:
     missing = [t for t in ("equivs-build", "apt-ftparchive", "gpg") if shutil.which(t) is None]
     if missing:
         # Controller-side test tools from Debian's archive.
-        run(["apt-get", "install", "-y", "-q", "equivs", "apt-utils", "gnupg"], env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+        run(
+            ["apt-get", "install", "-y", "-q", "equivs", "apt-utils", "gnupg"],
+            env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"),
+        )
 
 
 def upstream(version: str) -> str:
@@ -64,7 +67,10 @@ def specs(distro: str) -> list[dict]:
         for version in data["driver_versions"][family]:
             branch = upstream(version).split(".")[0]
             for name, spec in data[family].items():
-                fill = lambda s: s.replace("{V}", version).replace("{B}", branch)  # noqa: E731
+
+                def fill(text: str, version: str = version, branch: str = branch) -> str:
+                    return text.replace("{V}", version).replace("{B}", branch)
+
                 out.append(
                     {
                         "name": fill(name),
@@ -97,8 +103,13 @@ def signing_key(pool: Path) -> Path:
         shutil.rmtree(home, ignore_errors=True)
         home.mkdir(parents=True, mode=0o700)
         env = dict(os.environ, GNUPGHOME=str(home))
-        run(["gpg", "--batch", "--passphrase", "", "--quick-gen-key", KEY_UID, "ed25519", "sign", "never"], env=env)
-        exported = subprocess.run(["gpg", "--export", KEY_UID], env=env, check=True, capture_output=True).stdout
+        run(
+            ["gpg", "--batch", "--passphrase", "", "--quick-gen-key", KEY_UID, "ed25519", "sign", "never"],
+            env=env,
+        )
+        exported = subprocess.run(
+            ["gpg", "--export", KEY_UID], env=env, check=True, capture_output=True
+        ).stdout
         assert exported, "gpg exported no key"
         (home / "pubkey.gpg").write_bytes(exported)
     return home
@@ -134,7 +145,10 @@ def build_one(spec: dict, pool: Path, distro: str, pubkey: Path) -> Path:
                 "deb [signed-by=/usr/share/keyrings/cuda-archive-keyring.gpg] "
                 f"https://developer.download.nvidia.com/compute/cuda/repos/{distro}/x86_64/ /\n"
             )
-            files += ["cuda-archive-keyring.gpg /usr/share/keyrings/", f"{listing.name} /etc/apt/sources.list.d/"]
+            files += [
+                "cuda-archive-keyring.gpg /usr/share/keyrings/",
+                f"{listing.name} /etc/apt/sources.list.d/",
+            ]
         if files:
             lines.append("Files: " + "\n ".join(files))
         lines += [
@@ -151,7 +165,9 @@ def build_one(spec: dict, pool: Path, distro: str, pubkey: Path) -> Path:
 def build_pool(pool: Path, distro: str) -> list[dict]:
     ensure_tools()
     pool.mkdir(parents=True, exist_ok=True)
-    stamp = hashlib.sha256(DEFINITIONS.read_bytes() + Path(__file__).read_bytes() + distro.encode()).hexdigest()
+    stamp = hashlib.sha256(
+        DEFINITIONS.read_bytes() + Path(__file__).read_bytes() + distro.encode()
+    ).hexdigest()
     marker = pool / "definitions.sha256"
     if not marker.exists() or marker.read_text() != stamp:
         for old in pool.glob("*.deb"):
@@ -161,7 +177,7 @@ def build_pool(pool: Path, distro: str) -> list[dict]:
     all_specs = specs(distro)
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as ex:
         debs = list(ex.map(lambda s: build_one(s, pool, distro, home / "pubkey.gpg"), all_specs))
-    for spec, deb in zip(all_specs, debs):
+    for spec, deb in zip(all_specs, debs, strict=True):
         spec["deb"] = str(deb)
     marker.write_text(stamp)
     return all_specs
@@ -183,8 +199,15 @@ def publish(pool: Path, repo: Path, distro: str, drivers: list[str] | None) -> d
     with gzip.open(repo / "Packages.gz", "wt") as fh:
         fh.write(packages)
     release = run(
-        ["apt-ftparchive", "-o", "APT::FTPArchive::Release::Origin=sdnode-standin",
-         "-o", "APT::FTPArchive::Release::Label=sdnode-standin", "release", "."],
+        [
+            "apt-ftparchive",
+            "-o",
+            "APT::FTPArchive::Release::Origin=sdnode-standin",
+            "-o",
+            "APT::FTPArchive::Release::Label=sdnode-standin",
+            "release",
+            ".",
+        ],
         cwd=repo,
     ).stdout
     (repo / "Release").write_text(release)
@@ -194,11 +217,17 @@ def publish(pool: Path, repo: Path, distro: str, drivers: list[str] | None) -> d
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pool", type=Path, required=True, help="where built .debs and the signing key are kept")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--pool", type=Path, required=True, help="where built .debs and the signing key are kept"
+    )
     parser.add_argument("--repo", type=Path, required=True, help="repository directory to (re)publish")
     parser.add_argument("--driver", action="append", help="driver upstream version to offer (repeatable)")
-    parser.add_argument("--distro", default="debian12", help="NVIDIA's name for the node OS (debian12, ubuntu2204)")
+    parser.add_argument(
+        "--distro", default="debian12", help="NVIDIA's name for the node OS (debian12, ubuntu2204)"
+    )
     args = parser.parse_args()
     print(json.dumps(publish(args.pool, args.repo, args.distro, args.driver), indent=1))
     return 0
