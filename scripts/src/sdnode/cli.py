@@ -144,7 +144,7 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 
 
 def status_table(results: list[Any]) -> Table:
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     for column in (
         "NODE",
         "INST",
@@ -438,7 +438,7 @@ def cmd_diff_manifests(args: argparse.Namespace) -> int:
             f"ignored: {', '.join(diff.ignored) or 'none'})"
         )
         return EXIT_OK
-    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     table.add_column("KEY", no_wrap=True)
     for host in diff.hosts:
         table.add_column(host, overflow="fold")
