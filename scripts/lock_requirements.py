@@ -63,22 +63,38 @@ def uv() -> str:
 
 
 def compile_lock(
-    inputs: list[Path], output: Path, python: str, constraints: list[str], find_links: list[str],
-    index_url: str | None, command: str, constraint_files: tuple[Path, ...] = (), extras: tuple[str, ...] = (),
+    inputs: list[Path],
+    output: Path,
+    python: str,
+    constraints: list[str],
+    find_links: list[str],
+    index_url: str | None,
+    command: str,
+    constraint_files: tuple[Path, ...] = (),
+    extras: tuple[str, ...] = (),
 ) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         cfile = Path(tmp) / "constraints.txt"
         cfile.write_text("".join(f"{c}\n" for c in constraints))
         args = [
-            uv(), "pip", "compile", *map(str, inputs),
-            "--constraint", str(cfile),
+            uv(),
+            "pip",
+            "compile",
+            *map(str, inputs),
+            "--constraint",
+            str(cfile),
             *[a for f in constraint_files for a in ("--constraint", str(f))],
             "--generate-hashes",
-            "--python-version", python,
-            "--python-platform", PLATFORM,
-            "--output-file", str(output),
-            "--custom-compile-command", command,
-            "--no-emit-find-links", "--no-emit-index-url",
+            "--python-version",
+            python,
+            "--python-platform",
+            PLATFORM,
+            "--output-file",
+            str(output),
+            "--custom-compile-command",
+            command,
+            "--no-emit-find-links",
+            "--no-emit-index-url",
             *[a for extra in extras for a in ("--extra", extra)],
             # Keep pins stable across runs: only move a package when its constraints force it.
             "--upgrade" if os.environ.get("LOCK_UPGRADE") else "--quiet",
@@ -97,10 +113,13 @@ def compile_lock(
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("targets", nargs="*", help=f"locks to build: {', '.join(TARGETS)}, {CONTROLLER}")
-    ap.add_argument("--cpu-find-links", default=DEFAULT_CPU_FIND_LINKS,
-                    help="directory or URL holding torch+cpu wheels (field: https://download.pytorch.org/whl/cpu/torch/)")
+    ap.add_argument(
+        "--cpu-find-links",
+        default=DEFAULT_CPU_FIND_LINKS,
+        help="directory or URL holding torch+cpu wheels (field: https://download.pytorch.org/whl/cpu/torch/)",
+    )
     ap.add_argument("--index-url", help="a PyPI mirror to resolve from instead of PyPI")
-    ap.add_argument("--check", action="store_true", help="compile into a temporary dir and fail if a lock differs")
+    ap.add_argument("--check", action="store_true", help="fail if a lock is stale")
     args = ap.parse_args()
 
     names = args.targets or list(TARGETS)
@@ -128,14 +147,25 @@ def main() -> int:
             if args.check and final.exists():
                 shutil.copy(final, out)  # start from the current pins, as a real run would
             command = f"scripts/lock_requirements.py {name}"
-            compile_lock(inputs, out, python, constraints, find_links, args.index_url, command, cfiles,
-                         () if name == CONTROLLER else NODE_EXTRAS)
+            compile_lock(
+                inputs,
+                out,
+                python,
+                constraints,
+                find_links,
+                args.index_url,
+                command,
+                cfiles,
+                () if name == CONTROLLER else NODE_EXTRAS,
+            )
             if args.check and (not final.exists() or out.read_text() != final.read_text()):
                 stale.append(name)
-            print(f"lock_requirements: {name}: {final.relative_to(ROOT)}"
-                  f" ({sum(1 for line in out.read_text().splitlines() if '==' in line)} pins)")
+            print(
+                f"lock_requirements: {name}: {final.relative_to(ROOT)}"
+                f" ({sum(1 for line in out.read_text().splitlines() if '==' in line)} pins)"
+            )
     if stale:
-        print(f"lock_requirements: stale: {', '.join(stale)}; rerun scripts/lock_requirements.py", file=sys.stderr)
+        print(f"lock_requirements: stale: {', '.join(stale)}; rerun this script", file=sys.stderr)
         return 1
     return 0
 

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Smoke images on the controller.
 
-    contact_sheet.py decode --size WxH FILE.png.b64   -> writes FILE.png after checking it decodes
-                                                        as a PNG of exactly that size; prints a summary
-    contact_sheet.py sheet --out SHEET.png A.png B.png -> one labelled grid of every image
+contact_sheet.py decode --size WxH FILE.png.b64   -> writes FILE.png after checking it decodes
+                                                    as a PNG of exactly that size; prints a summary
+contact_sheet.py sheet --out SHEET.png A.png B.png -> one labelled grid of every image
 """
 
 import argparse

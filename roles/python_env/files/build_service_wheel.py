@@ -28,7 +28,8 @@ def source_digest(src: Path) -> str:
     """Digest of what goes into the wheel: an unchanged tree reuses the wheel built from it."""
     h = hashlib.sha256()
     files = [src / "pyproject.toml", src / "README.md", *(src / "src").rglob("*")]
-    for p in sorted(f for f in files if f.is_file() and "__pycache__" not in f.parts and ".egg-info" not in str(f)):
+    kept = (f for f in files if f.is_file() and "__pycache__" not in f.parts and ".egg-info" not in str(f))
+    for p in sorted(kept):
         h.update(p.relative_to(src).as_posix().encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
     return h.hexdigest()
 
@@ -48,7 +49,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
             [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", tmp, str(src)],
-            check=True, env=env, stdout=sys.stderr,
+            check=True,
+            env=env,
+            stdout=sys.stderr,
         )
         (built,) = Path(tmp).glob("*.whl")
         digest = content_digest(built)

@@ -17,8 +17,15 @@ import tarfile
 from pathlib import Path
 
 # Tags a glibc 2.28+ x86_64 node accepts; pip download needs them spelled out to fetch for another host.
-PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
-             "manylinux2014_x86_64", "manylinux_2_5_x86_64", "manylinux1_x86_64", "linux_x86_64"]
+PLATFORMS = [
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux_2_5_x86_64",
+    "manylinux1_x86_64",
+    "linux_x86_64",
+]
 
 
 def main() -> int:
@@ -36,8 +43,23 @@ def main() -> int:
         return 0
     dest = a.wheelhouse / name
     dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--require-hashes", "--no-deps", "--only-binary=:all:",
-           "--python-version", a.pyver, "--implementation", "cp", "-r", str(a.lock), "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--require-hashes",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        a.pyver,
+        "--implementation",
+        "cp",
+        "-r",
+        str(a.lock),
+        "-d",
+        str(dest),
+    ]
     for p in PLATFORMS:
         cmd += ["--platform", p]
     for link in a.find_links:

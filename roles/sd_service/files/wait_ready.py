@@ -19,7 +19,9 @@ CRASH_LOOP = 3  # automatic restarts since the deploy's own (re)start: the relea
 def unit_state(unit: str) -> dict:
     out = subprocess.run(
         ["systemctl", "show", unit, "--property=ActiveState,SubState,NRestarts,Result"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     ).stdout
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
