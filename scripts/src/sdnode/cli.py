@@ -322,38 +322,40 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     jobs = [(session, n, token) for _, session, instances, token, _ in prepared if session for n in instances]
     tty = sys.stdout.isatty()
     started = time.monotonic()
+    pool = ThreadPoolExecutor(max_workers=max(1, min(64, len(jobs))))
     try:
-        with ThreadPoolExecutor(max_workers=max(1, min(64, len(jobs)))) as pool:
-            futures = [pool.submit(generate, s, n, t, body, out_dir, args.timeout) for s, n, t in jobs]
-            progress = Progress(
-                TextColumn("smoke"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TextColumn("{task.description}"),
-                disable=not tty,
-            )
-            with progress:
-                task = progress.add_task("", total=len(futures))
-                for done, future in enumerate(as_completed(futures), 1):
-                    result = future.result()
-                    results.append(result)
-                    line = (
-                        f"{result.label} ok in {result.seconds:.1f}s -> {result.detail}"
-                        if result.ok
-                        else f"{result.label} FAILED after {result.seconds:.1f}s: {result.detail}"
+        futures = [pool.submit(generate, s, n, t, body, out_dir, args.timeout) for s, n, t in jobs]
+        progress = Progress(
+            TextColumn("smoke"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.description}"),
+            disable=not tty,
+        )
+        with progress:
+            task = progress.add_task("", total=len(futures))
+            for done, future in enumerate(as_completed(futures), 1):
+                result = future.result()
+                results.append(result)
+                line = (
+                    f"{result.label} ok in {result.seconds:.1f}s -> {result.detail}"
+                    if result.ok
+                    else f"{result.label} FAILED after {result.seconds:.1f}s: {result.detail}"
+                )
+                progress.update(task, advance=1, description=result.label)
+                if tty:
+                    progress.console.print(
+                        ("[green]" if result.ok else "[bold red]") + line + "[/]", highlight=False
                     )
-                    progress.update(task, advance=1, description=result.label)
-                    if tty:
-                        progress.console.print(
-                            ("[green]" if result.ok else "[bold red]") + line + "[/]", highlight=False
-                        )
-                    else:
-                        print(f"[{done}/{len(futures)}] {line}", flush=True)
+                else:
+                    print(f"[{done}/{len(futures)}] {line}", flush=True)
     finally:
+        # Sessions first: on Ctrl-C that ends the workers' reads at once instead of after --timeout.
         for _, session, *_ in prepared:
             if session is not None:
                 session.close()
+        pool.shutdown(wait=True, cancel_futures=True)
     for r in results:
         if not r.ok and r.label.endswith("-?"):
             print(f"{r.label[:-2]} FAILED: {r.detail}")
