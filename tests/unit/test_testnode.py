@@ -74,6 +74,14 @@ def test_veth_names_fit_the_kernel_limit_and_are_unique() -> None:
     assert len(set(names)) == len(names)
 
 
+def test_mac_addresses_are_fixed_per_address_unique_and_local() -> None:
+    macs = [tn.mac_address(f"10.213.0.{i}") for i in range(10, 255)]
+    assert len(set(macs)) == len(macs)
+    assert tn.mac_address("10.213.0.17") == tn.mac_address("10.213.0.17") == "02:53:44:4e:00:11"
+    first = int(macs[0].split(":")[0], 16)
+    assert first & 0b10 and not first & 0b01  # locally administered, unicast
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [("512M", 512 * 2**20), ("2G", 2 * 2**30), ("1.5GiB", 3 * 2**29), ("1073741824", 2**30),

@@ -238,6 +238,13 @@ def netns_name(name: str) -> str:
     return f"{NETNS_PREFIX}{name}"
 
 
+def mac_address(address: str) -> str:
+    """A fixed, locally administered MAC per address: when an address is reused by a new node, the ARP
+    caches of the host and the other nodes stay right (a stale entry would blackhole it for ~30 s)."""
+    octets = ipaddress.IPv4Address(address).packed
+    return "02:53:44:4e:{:02x}:{:02x}".format(*octets[2:])
+
+
 def veth_name(address: str) -> str:
     """Host end of a node's veth pair; interface names are limited to 15 characters, addresses are short."""
     return f"{VETH_PREFIX}{address.rsplit('.', 1)[1]}"
@@ -550,7 +557,9 @@ def setup_node_network(name: str, address: str) -> None:
     ns, veth = netns_name(name), veth_name(address)
     remove_node_network(name, address)  # leftovers of a killed run under the same name or address
     run(["ip", "netns", "add", ns])
-    run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
+    run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "address", mac_address(address),
+         "netns", ns])
+    run(["ip", "neigh", "flush", "to", address, "dev", BRIDGE], check=False)
     run(["ip", "link", "set", veth, "master", BRIDGE, "up"])
     run(["ip", "-n", ns, "link", "set", "lo", "up"])
     run(["ip", "-n", ns, "addr", "add", f"{address}/{NETWORK.prefixlen}", "dev", "eth0"])
@@ -569,8 +578,11 @@ def remove_node_network(name: str, address: str | None) -> None:
         for pid in netns_pids(ns):
             kill_quietly(pid)
         run(["ip", "netns", "delete", ns])  # takes the veth pair with it
+    # The kernel destroys a deleted namespace (and the veth pair with it) asynchronously.
     if address and link_exists(veth_name(address)):
-        run(["ip", "link", "delete", veth_name(address)])
+        result = run(["ip", "link", "delete", veth_name(address)], check=False)
+        if result.returncode != 0 and link_exists(veth_name(address)):
+            raise TestnodeError(f"cannot delete link {veth_name(address)}: {result.stderr.strip()}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -604,13 +616,69 @@ def sshd_dropin(password_login: bool) -> str:
     return "# testnode: root by key only\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
 
 
-def prepare_rootfs(name: str, address: str, tarball: Path, base: Path, password: str | None) -> list[str]:
-    """Unpack the cached tarball and give the node its own identity; returns its public host keys."""
-    root = rootfs_path(name)
-    if root.exists():
-        remove_tree(root)
-    root.mkdir(parents=True)
+def base_tree(tarball: Path) -> Path:
+    """The cached tarball unpacked once: the read-only lower layer that every node's overlay shares."""
+    tree = tarball.with_suffix("")
+    if tree.is_dir():
+        return tree
+    with file_lock(cache_dir() / ".rootfs.lock"):
+        if tree.is_dir():
+            return tree
+        # Unpacked beside it and renamed into place: a tree under that name is always complete.
+        tmp = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=".extract-"))
+        try:
+            run(["tar", "-C", tmp, "--numeric-owner", "-xpf", tarball])
+            os.chmod(tmp, 0o755)
+            os.rename(tmp, tree)
+        except BaseException:
+            remove_tree(tmp)
+            raise
+    return tree
+
+
+def mount_rootfs(name: str, tarball: Path) -> str:
+    """The node's root: an overlay over the shared tree (no copy: fast even on a busy disk), or, where
+    overlayfs is unavailable, a private copy unpacked from the tarball. Returns which."""
+    root, upper, work = rootfs_path(name), node_dir(name) / "upper", node_dir(name) / "work"
+    unmount_node(name)
+    for path in (root, upper, work):
+        if path.exists():
+            remove_tree(path)
+        path.mkdir(parents=True)
+    lower = base_tree(tarball)
+    options = f"lowerdir={lower},upperdir={upper},workdir={work}"
+    if run(["mount", "-t", "overlay", f"sdnode-{name}", "-o", options, root], check=False).returncode == 0:
+        return "overlay"
+    upper.rmdir()
+    work.rmdir()
     run(["tar", "-C", root, "--numeric-owner", "-xpf", tarball])
+    return "copy"
+
+
+def node_mounts(name: str | None = None) -> list[str]:
+    """Mount points under a node's directory (under every node's when name is None), deepest first."""
+    prefix = f"{node_dir(name) if name else nodes_dir()}/"
+    points = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    return sorted((p for p in points if p.startswith(prefix)), reverse=True)
+
+
+def unmount_node(name: str | None = None) -> None:
+    for point in node_mounts(name):
+        if run(["umount", point], check=False).returncode != 0:
+            run(["umount", "-l", point], check=False)
+
+
+def prepare_rootfs(name: str, address: str, tarball: Path, base: Path, password: str | None) -> list[str]:
+    """Lay out the node's root and give it its own identity; returns its public host keys."""
+    mount_rootfs(name, tarball)
+    root = rootfs_path(name)
+    # Key generation (RSA takes seconds on a busy machine) runs while the rest is written.
+    keygens = {}
+    for kind in ("ed25519", "ecdsa", "rsa"):
+        argv = ["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", f"root@{name}",
+                "-f", str(root / f"etc/ssh/ssh_host_{kind}_key")]
+        keygens[kind] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT)
     (root / "etc/machine-id").write_text(secrets.token_hex(16) + "\n")
     (root / "etc/hostname").write_text(name + "\n")
     (root / "etc/hosts").write_text(hosts_file(name, address))
@@ -618,11 +686,6 @@ def prepare_rootfs(name: str, address: str, tarball: Path, base: Path, password:
     if resolv.is_symlink() or resolv.exists():
         resolv.unlink()
     resolv.write_text(resolv_conf())
-    host_keys = []
-    for kind in ("ed25519", "ecdsa", "rsa"):
-        private = root / f"etc/ssh/ssh_host_{kind}_key"
-        run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", f"root@{name}", "-f", private])
-        host_keys.append(" ".join(Path(f"{private}.pub").read_text().split()[:2]))
     ssh_dir = root / "root/.ssh"
     ssh_dir.mkdir(mode=0o700, exist_ok=True)
     os.chmod(ssh_dir, 0o700)
@@ -632,6 +695,13 @@ def prepare_rootfs(name: str, address: str, tarball: Path, base: Path, password:
     (root / "etc/ssh/sshd_config.d/60-testnode.conf").write_text(sshd_dropin(password is not None))
     if password is not None:
         run(["chroot", root, "chpasswd"], input=f"root:{password}\n")
+    host_keys = []
+    for kind, proc in keygens.items():
+        out, _ = proc.communicate()
+        if proc.returncode != 0:
+            raise TestnodeError(f"ssh-keygen -t {kind} failed: {out.decode(errors='replace').strip()}")
+        pub = root / f"etc/ssh/ssh_host_{kind}_key.pub"
+        host_keys.append(" ".join(pub.read_text().split()[:2]))
     return host_keys
 
 
@@ -642,6 +712,18 @@ def remove_tree(path: Path) -> None:
 
 def trash_dir() -> Path:
     return nodes_dir() / ".trash"
+
+
+def trash_being_deleted() -> set[Path]:
+    """Trash entries a background `rm` (started by discard_tree) is deleting right now."""
+    busy = set()
+    for pid in all_pids():
+        argv = proc_cmdline(pid)
+        if argv[:3] == ["rm", "-rf", "--one-file-system"] and len(argv) == 4:
+            path = Path(argv[3])
+            if path.parent == trash_dir():
+                busy.add(path)
+    return busy
 
 
 def discard_tree(path: Path) -> None:
@@ -792,6 +874,7 @@ def up(name: str, *, password_login: bool = False, memory: int | None = None, lo
             pw_file.unlink(missing_ok=True)
         with state_lock(base):
             update_known_hosts(known_hosts_path(base), record.address, host_keys)
+        prepared = time.monotonic() - started
         start_supervisor(record, base)
         save_record(record)
         state = wait_ready(record, base)
@@ -799,7 +882,9 @@ def up(name: str, *, password_login: bool = False, memory: int | None = None, lo
         record.owner_pid = record.owner_start = None
         save_record(record)
         write_inventory(base)
-        log(f"{name} is up at {record.address} (systemd {state}, {time.monotonic() - started:.1f} s)")
+        total = time.monotonic() - started
+        log(f"{name} is up at {record.address} (systemd {state}; {total:.1f} s: {prepared:.1f} s to prepare, "
+            f"{total - prepared:.1f} s to boot)")
         return record
     except BaseException:
         # Interrupted or failed half-way: leave nothing behind (down takes the host lock itself).
@@ -877,6 +962,7 @@ def stray_pids(names: set[str] | None) -> list[int]:
 
 def _remove_node_resources(name: str, address: str | None, cgroup: str | None = None) -> None:
     kill_node_processes(name)
+    unmount_node(name)
     remove_node_network(name, address)
     if node_dir(name).exists():
         discard_tree(node_dir(name))
@@ -1034,14 +1120,16 @@ def gc(log: Log = print) -> list[str]:
             for entry in sorted(base.iterdir()):
                 if entry.is_dir() and not entry.name.startswith(".") and entry.name not in live:
                     kill_node_processes(entry.name)
+                    unmount_node(entry.name)
                     discard_tree(entry)
                     removed.append(f"node dir {entry}")
         removed += _gc_rootfs_builds()
         if trash_dir().is_dir():
+            busy = trash_being_deleted()
             for entry in sorted(trash_dir().iterdir()):
-                # A background deletion may still be at it: both rm -rf tolerate the other's work.
-                run(["rm", "-rf", "--one-file-system", entry], check=False)
-                removed.append(f"trash {entry}")
+                if entry not in busy:  # a background deletion that was killed
+                    run(["rm", "-rf", "--one-file-system", entry], check=False)
+                    removed.append(f"trash {entry}")
         group = memory_cgroup("x")
         if group is not None and group.parent.is_dir():
             for stale in group.parent.glob("sdnode-*"):
@@ -1067,15 +1155,22 @@ def _gc_rootfs_builds() -> list[str]:
     """Remove root filesystem builds a killed `up` left in the cache (debootstrap may leave /proc and
     /sys mounted inside), unless a build is running right now."""
     cache = cache_dir()
-    builds = sorted(cache.glob(".build-*")) if cache.is_dir() else []
-    if not builds:
+    if not cache.is_dir():
         return []
+    builds = sorted([*cache.glob(".build-*"), *cache.glob(".extract-*")])
     with open(cache / ".rootfs.lock", "a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return []  # a build is in progress
         removed = []
+        current = rootfs_tarball().with_suffix("")
+        mounts = Path("/proc/self/mounts").read_text()
+        for tree in cache.glob(f"rootfs-{SUITE}-*"):
+            # Trees of an older recipe, once no node's overlay sits on them.
+            if tree.is_dir() and tree != current and f"lowerdir={tree}," not in mounts:
+                remove_tree(tree)
+                removed.append(f"old root filesystem {tree}")
         for build in builds:
             mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
             for mount in sorted((m for m in mounts if m.startswith(f"{build}/")), reverse=True):
