@@ -105,9 +105,10 @@ def discover(session: NodeSession) -> Discovery:
 def read_manifest(session: NodeSession) -> dict[str, Any]:
     rc, out, err = session.run(f"cat {MANIFEST}", sudo=True)
     if rc != 0:
-        raise Day2Error(
-            f"{session.node.name}: cannot read {MANIFEST}: {(err or out).strip() or 'rc=' + str(rc)}"
-        )
+        node = session.node
+        hint = "; set ansible_become: true for this host" if node.user != "root" and not node.become else ""
+        detail = (err or out).strip() or f"rc={rc}"
+        raise Day2Error(f"{node.name}: cannot read {MANIFEST}: {detail}{hint}")
     try:
         data = json.loads(out)
     except json.JSONDecodeError as exc:
