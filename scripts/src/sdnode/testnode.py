@@ -9,7 +9,9 @@ Layout:
 - host-wide (shared by every checkout on the machine): node records and root filesystems under
   /var/lib/sdnode/testnodes/<name>/, the bridge, the nftables table, net.ipv4.ip_forward;
 - per checkout ($STATE/testnodes/): the key pair, known_hosts, passwords, node logs, the inventory;
-- cache: /var/cache/sdnode/rootfs-bookworm-<recipe hash>.tar, built once with debootstrap.
+- cache: /var/cache/sdnode/rootfs-bookworm-<recipe hash>.tar, built once with debootstrap, and the same
+  unpacked beside it: the read-only lower layer of every node's overlay root (nodes write only to
+  /var/lib/sdnode/testnodes/<name>/upper).
 
 Sections below: helpers, names and addresses, node records, root filesystem cache, network, node rootfs,
 supervisor, lifecycle, inventory, gc, host setup, command line.
