@@ -249,6 +249,16 @@ class TestTwoNodes:
         assert before is not None and after is not None
         assert after.supervisor_pid == before.supervisor_pid
 
+    def test_another_checkout_cannot_take_the_name(self, pair: Pair, tmp_path: Path) -> None:
+        before = tn.load_record(pair.a)
+        refused = run_testnode(tmp_path / "other-checkout", "up", pair.a, check=False)
+        assert refused.returncode == 1
+        assert f"belongs to {pair.state}" in refused.stderr
+        after = tn.load_record(pair.a)
+        assert before is not None and after is not None and after.is_running()
+        assert after.supervisor_pid == before.supervisor_pid
+        assert on_node(pair.state, pair.a, "hostname") == pair.a
+
     def test_list_shows_both_running(self, pair: Pair) -> None:
         listed = {n["name"]: n for n in json.loads(run_testnode(pair.state, "list", "--json").stdout)}
         for name in (pair.a, pair.b):

@@ -856,12 +856,12 @@ def up(name: str, *, password_login: bool = False, memory: int | None = None, lo
     require_host_tools()
     base = state_dir()
     tarball = ensure_rootfs_tarball(log)
-    record = _claim(name, base, password_login, memory)
-    if record.status == "up":
-        log(f"{name} is already up at {record.address}")
-        write_inventory(base)
-        return record
     try:
+        record = _claim(name, base, password_login, memory)
+        if record.status == "up":
+            log(f"{name} is already up at {record.address}")
+            write_inventory(base)
+            return record
         started = time.monotonic()
         with host_lock():
             ensure_key(base)
@@ -889,9 +889,12 @@ def up(name: str, *, password_login: bool = False, memory: int | None = None, lo
             f"{total - prepared:.1f} s to boot)")
         return record
     except BaseException:
-        # Interrupted or failed half-way: leave nothing behind (down takes the host lock itself).
+        # Interrupted or failed half-way: leave nothing behind (down takes the host lock itself), but
+        # only if this process made the node: never someone else's running one.
         with contextlib.suppress(Exception):
-            down(name, log=lambda _msg: None)
+            mine = load_record(name)
+            if mine is not None and mine.status == "creating" and mine.owner_pid == os.getpid():
+                down(name, log=lambda _msg: None)
         raise
 
 
@@ -1283,9 +1286,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "down":
         base = state_dir()
         if args.all:
-            for record in load_records():
-                if record.state_dir == str(base):
-                    down(record.name)
+            mine = [r for r in load_records() if r.state_dir == str(base)]
+            for record in mine:
+                down(record.name)
+            if not mine:
+                print(f"no nodes of {base}")
         else:
             down(args.name)
     elif args.command == "list":
