@@ -140,6 +140,14 @@ class TestTwoNodes:
             assert addr in tn.NETWORK and int(addr) - int(tn.NETWORK.network_address) >= tn.FIRST_NODE_HOST
             assert tn.load_record(pair.a if addr == addrs[0] else pair.b).address == str(addr)
 
+    def test_macs_are_fixed_so_reused_addresses_are_reachable_at_once(self, pair: Pair) -> None:
+        bridge = subprocess.run(["ip", "-j", "link", "show", "dev", tn.BRIDGE], capture_output=True,
+                                text=True, check=True)
+        assert json.loads(bridge.stdout)[0]["address"] == tn.mac_address(str(tn.GATEWAY))
+        for name in (pair.a, pair.b):
+            mac = on_node(pair.state, name, "cat /sys/class/net/eth0/address")
+            assert mac == tn.mac_address(pair.addresses[name])
+
     @pytest.mark.parametrize("which", ["a", "b"])
     def test_ssh_reaches_the_node_by_name(self, pair: Pair, which: str) -> None:
         name = getattr(pair, which)

@@ -527,6 +527,10 @@ def setup_shared_network() -> None:
     """Bridge, NAT table, ip_forward (recording its old value once). Call under host_lock."""
     if not link_exists(BRIDGE):
         run(["ip", "link", "add", BRIDGE, "type", "bridge"])
+    # A bridge takes the lowest MAC of its ports unless given one: nodes coming and going would change
+    # the gateway's MAC under the other nodes' ARP caches.
+    if mac_address(str(GATEWAY)) not in run(["ip", "link", "show", "dev", BRIDGE]).stdout:
+        run(["ip", "link", "set", "dev", BRIDGE, "address", mac_address(str(GATEWAY))])
     current = run(["ip", "-j", "-4", "addr", "show", "dev", BRIDGE]).stdout
     if f'"{GATEWAY}"' not in current:
         run(["ip", "addr", "add", f"{GATEWAY}/{NETWORK.prefixlen}", "dev", BRIDGE])
