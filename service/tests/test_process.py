@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import os
 import signal
 import subprocess
@@ -62,6 +63,22 @@ def test_sighup_rotates_keys_without_restart(process):
     wait_until(lambda: models(url, BOB) == 200, what="bob's key accepted after SIGHUP")
     assert models(url, ALICE) == 401
     assert proc.poll() is None
+
+
+def test_logs_are_json_lines_without_prompts(process):
+    _, url, _, logfile = process  # bob's key is in force since the SIGHUP test
+    body = {"prompt": "zebra-secret-prompt", "size": "64x64", "steps": 1}
+    r = httpx.post(
+        url + "/v1/images/generations",
+        json=body,
+        headers={"Authorization": f"Bearer {BOB}", "X-Request-ID": "req-42"},
+    )
+    assert r.status_code == 200
+    lines = [json.loads(line) for line in Path(logfile).read_text().splitlines() if line.strip()]
+    ours = [e for e in lines if e.get("request_id") == "req-42"]
+    assert {e["msg"] for e in ours} >= {"generation requested", "POST /v1/images/generations 200"}
+    assert all(e["key"] == "bob" for e in ours if "key" in e)
+    assert "zebra-secret-prompt" not in Path(logfile).read_text()
 
 
 def test_sigterm_drains_in_flight_work_and_exits_zero(process):

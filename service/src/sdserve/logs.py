@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import importlib
 import json
 import logging
 import sys
@@ -41,6 +42,16 @@ def setup_logging(level: str = "info") -> dict:
     root.setLevel(level.upper())
     for noisy in ("httpx", "httpcore", "urllib3", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Python warnings and the ML libraries' own stderr handlers would break the one-JSON-
+    # object-a-line stream; route them through the root handler instead.
+    logging.captureWarnings(True)
+    for lib in ("transformers", "diffusers"):
+        try:
+            lib_logging = importlib.import_module(f"{lib}.utils.logging")
+            lib_logging.disable_default_handler()
+            lib_logging.enable_propagation()
+        except (ImportError, AttributeError):  # not installed, or an API change: plain stderr lines then
+            pass
     return {
         "version": 1,
         "disable_existing_loggers": False,
