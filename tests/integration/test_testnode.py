@@ -311,6 +311,8 @@ def test_down_removes_everything(state: Path, ip_forward_before: str) -> None:
     assert tn.netns_name(name) not in tn.netns_list()
     assert tn.veth_name(address) not in host_links()
     assert tn.stray_pids({name}) == []
+    assert not (tn.NSPAWN_PROPAGATE / name).exists()
+    assert tn.node_mounts(name) == []
     assert not tn.proc_alive(record.supervisor_pid, record.supervisor_start)
     assert f"{address} " not in (state / "testnodes" / "known_hosts").read_text()
     assert not (state / "testnodes" / f"{name}.password").exists()
@@ -362,6 +364,8 @@ def test_gc_cleans_a_killed_run_and_spares_live_nodes(state: Path, ip_forward_be
             assert tn.netns_name(name) not in tn.netns_list()
         assert tn.veth_name(addresses[killed]) not in host_links()
         assert tn.stray_pids({killed}) == []
+        assert not (tn.NSPAWN_PROPAGATE / killed).exists()
+        assert tn.node_mounts(killed) == []
         assert not build.exists()
         assert str(build) not in Path("/proc/self/mounts").read_text()
         # The live node is untouched and still reachable.

@@ -54,6 +54,7 @@ VETH_PREFIX = "sdnv"  # host end: sdnv<last octet>; the node end is eth0 inside 
 NODES_ENV = "SDNODE_NODES_DIR"
 DEFAULT_NODES_DIR = Path("/var/lib/sdnode/testnodes")
 NSPAWN_REBOOT_STATUS = 133
+NSPAWN_PROPAGATE = Path("/run/systemd/nspawn/propagate")
 HOST_PACKAGES = ("debootstrap", "systemd-container", "nftables", "iproute2", "openssh-client", "rsync")
 HOST_TOOLS = {"debootstrap": "debootstrap", "systemd-nspawn": "systemd-container", "nft": "nftables",
               "ip": "iproute2", "ssh": "openssh-client", "ssh-keygen": "openssh-client"}
@@ -973,6 +974,9 @@ def _remove_node_resources(name: str, address: str | None, cgroup: str | None = 
     kill_node_processes(name)
     unmount_node(name)
     remove_node_network(name, address)
+    # nspawn leaves this (empty) behind when /run is not a tmpfs, as on these machines.
+    with contextlib.suppress(OSError):
+        (NSPAWN_PROPAGATE / name).rmdir()
     if node_dir(name).exists():
         discard_tree(node_dir(name))
     if cgroup:
@@ -1133,6 +1137,12 @@ def gc(log: Log = print) -> list[str]:
                     discard_tree(entry)
                     removed.append(f"node dir {entry}")
         removed += _gc_rootfs_builds()
+        if NSPAWN_PROPAGATE.is_dir():
+            for entry in NSPAWN_PROPAGATE.iterdir():
+                if entry.name not in live and NAME_RE.fullmatch(entry.name):
+                    with contextlib.suppress(OSError):  # only empty ones: nspawn's, not in use
+                        entry.rmdir()
+                        removed.append(f"nspawn leftover {entry}")
         if trash_dir().is_dir():
             busy = trash_being_deleted()
             for entry in sorted(trash_dir().iterdir()):
