@@ -286,6 +286,20 @@ class TestTwoNodes:
         answered = {line.split(" | ")[0] for line in ping.splitlines() if " | SUCCESS" in line}
         assert answered == {pair.a, pair.b}
 
+    def test_inventory_drives_testinfra(self, pair: Pair, tmp_path: Path) -> None:
+        path = Path(run_testnode(pair.state, "inventory").stdout.strip())
+        (tmp_path / "test_probe.py").write_text(
+            "def test_probe(host):\n"
+            "    assert host.check_output('hostname') == host.backend.get_hostname()\n"
+            "    assert host.system_info.distribution == 'debian'\n")
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               "-c", "/dev/null", "--rootdir", str(tmp_path), f"--ansible-inventory={path}",
+                               "--hosts=ansible://sdnodes", str(tmp_path / "test_probe.py")],
+                              capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                              env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "2 passed" in proc.stdout
+
     def test_reboot_comes_back_with_a_new_boot_id(self, pair: Pair) -> None:
         before = on_node(pair.state, pair.a, "cat /proc/sys/kernel/random/boot_id")
         path = Path(run_testnode(pair.state, "inventory").stdout.strip())
