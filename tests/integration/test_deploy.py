@@ -1,0 +1,170 @@
+"""Release life cycle on the deployed node: a second release, rollback and forward again, a release
+that never gets ready (the previous one keeps serving), kill -9 recovery, and bad variables that
+fail before any change. Every test leaves the node on the release site.yml deployed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, STATE, Deployment, ansible_playbook, assert_converged
+
+pytestmark = pytest.mark.integration
+
+ROOT = "/opt/sdserve"
+
+
+def service_variant(name: str, patch: str) -> Path:
+    """A copy of the service source with `patch` appended to sdserve/cli.py: a different wheel, so
+    a different release id, built by the roles exactly as the real one is."""
+    dest = STATE / "ci" / "variants" / name
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for item in ("pyproject.toml", "README.md", "requirements"):
+        if (REPO / "service" / item).is_dir():
+            shutil.copytree(REPO / "service" / item, dest / item)
+        elif (REPO / "service" / item).exists():
+            shutil.copy(REPO / "service" / item, dest / item)
+    shutil.copytree(
+        REPO / "service" / "src", dest / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+    )
+    cli = dest / "src" / "sdserve" / "cli.py"
+    cli.write_text(cli.read_text() + "\n" + patch + "\n")
+    return dest
+
+
+# Serves normally: only the bytes (and so the release id) differ.
+GOOD = "# test variant: same behaviour, another release"
+# Imports fine (the build's import check passes) but `sdserve serve` exits at once: never ready.
+BROKEN = """
+_real_main = main
+
+
+def main(argv=None):
+    import sys
+
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["serve"]:
+        raise SystemExit("sdserve: broken on purpose by the integration suite")
+    return _real_main(argv)
+"""
+
+
+def node_sh(testnodes, node: str, command: str) -> str:
+    return testnodes.ssh(node, command).stdout.strip()
+
+
+def links(testnodes, node: str) -> tuple[str, str]:
+    out = node_sh(testnodes, node, f"readlink {ROOT}/current; readlink {ROOT}/previous || true").splitlines()
+    return out[0], (out[1] if len(out) > 1 else "")
+
+
+def ready(testnodes, node: str) -> bool:
+    probe = "import urllib.request as u; print(u.urlopen('http://127.0.0.1:7860/readyz', timeout=10).status)"
+    return testnodes.ssh(node, f'python3 -c "{probe}"', check=False).stdout.strip() == "200"
+
+
+def manifest_release(testnodes, node: str) -> str:
+    return json.loads(node_sh(testnodes, node, "cat /etc/sdserve/manifest.json"))["release_id"]
+
+
+@pytest.fixture(scope="module")
+def original(deployed: Deployment, testnodes) -> str:
+    """The release site.yml put live; every test here returns the node to it."""
+    current, _ = links(testnodes, deployed.node)
+    assert current.startswith("releases/")
+    yield current
+    # Put the node back the way the rest of the suite expects it.
+    run = ansible_playbook("deploy.yml", deployed.inventory, label="deploy-restore")
+    assert_converged(run)
+    assert links(testnodes, deployed.node)[0] == current
+
+
+def test_second_release_rollback_and_forward(deployed: Deployment, testnodes, original: str) -> None:
+    node, inv = deployed.node, deployed.inventory
+    src = service_variant("good", GOOD)
+    run = ansible_playbook(
+        "deploy.yml", inv, extra_vars={"python_env_service_src": str(src)}, label="deploy-variant"
+    )
+    assert_converged(run)
+    new, previous = links(testnodes, node)
+    assert new != original and previous == original, (new, previous)
+    assert ready(testnodes, node) and manifest_release(testnodes, node) == new.split("/")[1]
+
+    back = ansible_playbook("rollback.yml", inv, label="rollback")
+    assert_converged(back)
+    assert links(testnodes, node) == (original, new)
+    assert ready(testnodes, node) and manifest_release(testnodes, node) == original.split("/")[1]
+
+    forward = ansible_playbook("rollback.yml", inv, label="rollback-again")
+    assert_converged(forward)
+    assert links(testnodes, node) == (new, original)
+    assert ready(testnodes, node)
+
+
+def test_release_that_never_gets_ready_leaves_the_previous_serving(
+    deployed: Deployment, testnodes, original: str
+) -> None:
+    node, inv = deployed.node, deployed.inventory
+    before = links(testnodes, node)
+    src = service_variant("broken", BROKEN)
+    run = ansible_playbook(
+        "deploy.yml",
+        inv,
+        extra_vars={"python_env_service_src": str(src), "sd_service_ready_timeout": 120},
+        label="deploy-broken",
+    )
+    assert run.rc != 0 and run.failed >= 1, run.explain()
+    assert "rolled back to" in run.output and "broken on purpose" in run.output, run.explain()
+    # The broken release was built (complete) but is not live; the links are as before.
+    assert links(testnodes, node) == before
+    assert ready(testnodes, node)
+    assert manifest_release(testnodes, node) == before[0].split("/")[1]
+
+
+def test_kill_9_is_recovered_by_systemd(deployed: Deployment, testnodes, original: str) -> None:
+    node = deployed.node
+    pid = node_sh(testnodes, node, "systemctl show sdserve@0.service --property=MainPID --value")
+    assert pid.isdigit() and int(pid) > 0
+    testnodes.ssh(node, f"kill -9 {pid}")
+    # Bounded wait (no timing asserted): systemd restarts it after RestartSec and it loads again.
+    waited = testnodes.ssh(
+        node,
+        "for i in $(seq 120); do "
+        "p=$(systemctl show sdserve@0.service --property=MainPID --value); "
+        f'[ "$p" != "{pid}" ] && [ "$p" != 0 ] && '
+        "python3 /opt/sdserve/wait_ready.py http://127.0.0.1:7860/readyz sdserve@0.service 300 && exit 0; "
+        "sleep 1; done; exit 1",
+        check=False,
+    )
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    restarts = node_sh(testnodes, node, "systemctl show sdserve@0.service --property=NRestarts --value")
+    assert int(restarts) >= 1
+    assert ready(testnodes, node)
+
+
+BAD_VARIABLES = [
+    (
+        {"model_cache_source": "hub", "model_cache_hub_id": "org/model", "model_cache_revision": ""},
+        "model_cache_revision",
+    ),
+    ({"sd_service_port_base": 70000}, "sd_service_port_base"),
+    ({"sd_service_api_keys": []}, "sd_service_api_keys"),
+    ({"python_env_flavour": "rocm"}, "python_env_flavour"),
+]
+
+
+@pytest.mark.parametrize(("extra", "named"), BAD_VARIABLES, ids=[n for _, n in BAD_VARIABLES])
+def test_bad_variable_fails_naming_it_before_any_change(
+    deployed: Deployment, testnodes, original: str, extra: dict, named: str
+) -> None:
+    before = links(testnodes, deployed.node)
+    run = ansible_playbook("deploy.yml", deployed.inventory, extra_vars=extra, label=f"bad-{named}")
+    assert run.rc != 0, run.explain()
+    assert named in run.output, f"the failure does not name {named}\n{run.explain()}"
+    assert run.changed == 0, f"changed before failing: {run.changed_tasks()}"
+    assert links(testnodes, deployed.node) == before
+    assert ready(testnodes, deployed.node)
