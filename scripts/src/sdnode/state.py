@@ -8,6 +8,7 @@ State (keys, known_hosts, generated inventories) lives in `.sdnode/` at the repo
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 STATE_ENV = "SDNODE_STATE_DIR"
@@ -30,10 +31,9 @@ def find_repo_root(start: Path | None = None) -> Path | None:
     return None
 
 
-def state_dir(env: dict[str, str] | None = None, cwd: Path | None = None) -> Path:
+def state_dir(env: Mapping[str, str] | None = None, cwd: Path | None = None) -> Path:
     """The controller state directory (absolute; not created here)."""
-    env = os.environ if env is None else env
-    override = env.get(STATE_ENV)
+    override = (os.environ if env is None else env).get(STATE_ENV)
     if override:
         return Path(override).expanduser().resolve()
     root = find_repo_root(cwd)
@@ -45,7 +45,6 @@ def state_dir(env: dict[str, str] | None = None, cwd: Path | None = None) -> Pat
     return root / ".sdnode"
 
 
-def cache_dir(env: dict[str, str] | None = None) -> Path:
-    env = os.environ if env is None else env
-    override = env.get(CACHE_ENV)
+def cache_dir(env: Mapping[str, str] | None = None) -> Path:
+    override = (os.environ if env is None else env).get(CACHE_ENV)
     return Path(override).expanduser().resolve() if override else DEFAULT_CACHE_DIR

@@ -662,11 +662,15 @@ def mount_rootfs(name: str, tarball: Path) -> str:
     return "copy"
 
 
-def node_mounts(name: str | None = None) -> list[str]:
-    """Mount points under a node's directory (under every node's when name is None), deepest first."""
-    prefix = f"{node_dir(name) if name else nodes_dir()}/"
+def mount_points_under(path: Path) -> list[str]:
+    """Mount points below `path`, deepest first (the order to unmount them in)."""
     points = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
-    return sorted((p for p in points if p.startswith(prefix)), reverse=True)
+    return sorted((p for p in points if p.startswith(f"{path}/")), reverse=True)
+
+
+def node_mounts(name: str | None = None) -> list[str]:
+    """Mount points under a node's directory (under every node's when name is None)."""
+    return mount_points_under(node_dir(name) if name else nodes_dir())
 
 
 def unmount_node(name: str | None = None) -> None:
@@ -1184,16 +1188,15 @@ def _gc_rootfs_builds() -> list[str]:
             return []  # a build is in progress
         removed = []
         current = rootfs_tarball().with_suffix("")
-        mounts = Path("/proc/self/mounts").read_text()
+        mount_table = Path("/proc/self/mounts").read_text()
         for tree in cache.glob(f"rootfs-{SUITE}-*"):
             # Trees of an older recipe, once no node's overlay sits on them.
-            if tree.is_dir() and tree != current and f"lowerdir={tree}," not in mounts:
+            if tree.is_dir() and tree != current and f"lowerdir={tree}," not in mount_table:
                 remove_tree(tree)
                 removed.append(f"old root filesystem {tree}")
         for build in builds:
-            mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
-            for mount in sorted((m for m in mounts if m.startswith(f"{build}/")), reverse=True):
-                run(["umount", "-l", mount], check=False)
+            for point in mount_points_under(build):
+                run(["umount", "-l", point], check=False)
             remove_tree(build)
             removed.append(f"unfinished build {build}")
         return removed
