@@ -1289,6 +1289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TestnodeError as exc:
         print(f"testnode: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # e.g. a state directory this user may not write
+        print(f"testnode: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     finally:
