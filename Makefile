@@ -11,6 +11,8 @@ PLAYBOOK_ARGS ?=
 
 export SDNODE_STATE_DIR ?= $(CURDIR)/.sdnode
 export ANSIBLE_CONFIG   := $(CURDIR)/ansible.cfg
+# testinfra and the day-2 tools call ansible-inventory, so the venv's tools come first.
+export PATH             := $(CURDIR)/$(BIN):$(PATH)
 # Caches that outlive a clone; a fresh machine simply fills them.
 export PIP_CACHE_DIR    ?= /var/cache/sdnode/pip
 
