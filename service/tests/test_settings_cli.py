@@ -141,6 +141,21 @@ def test_cli_check_and_info(tiny_model):
     assert info["model"]["pipeline"] == "StableDiffusionPipeline" and "cuda" in info
 
 
+def test_corrupt_model_fails_start_up_with_the_file_named(tiny_model, tmp_path):
+    import shutil
+
+    broken = shutil.copytree(tiny_model, tmp_path / "broken")
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    r = sdserve("serve", "--model", str(broken), "--port", "0", "--torch-threads", "1")
+    assert r.returncode == 1
+    assert (
+        "start-up failed: cannot load the model" in r.stderr
+        and "unet/diffusion_pytorch_model.safetensors" in r.stderr
+    )
+    assert "torchvision" not in r.stdout  # the deliberate absence is not reported at every start
+
+
 def test_cli_serve_refusals(tiny_model, tmp_path):
     r = sdserve("serve", "--model", str(tiny_model), "--host", "0.0.0.0")
     assert r.returncode == 2 and "sdserve hash-key" in r.stderr and "SDSERVE_API_KEYS_FILE" in r.stderr

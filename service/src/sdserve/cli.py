@@ -66,13 +66,13 @@ def cmd_serve(args: argparse.Namespace, names: list[str]) -> int:
     from .model import ModelError, check_model_dir
 
     settings = _load_settings(args, names)
-    log_config = setup_logging(settings.log_level)
     try:
         check_model_dir(settings.model)
-        app = create_app(settings)
+        app = create_app(settings)  # points the caches and forces offline mode before any HF import
     except (ModelError, StartupRefused, KeyFileError) as e:
         print(f"sdserve: {e}", file=sys.stderr)
         return 2
+    log_config = setup_logging(settings.log_level)
     config = uvicorn.Config(
         app,
         host=settings.host,

@@ -158,12 +158,6 @@ class Engine:
     def ready(self) -> bool:
         return self.state == "ready"
 
-    @property
-    def alive(self) -> bool:
-        return self.state not in ("failed",) and (
-            self._thread is None or self._thread.is_alive() or self.state == "stopped"
-        )
-
     def refuse_new(self) -> None:
         with self._cond:
             if self.state in ("ready", "warming", "loading", "created"):

@@ -33,10 +33,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
+class _DropTorchvisionNotice(logging.Filter):
+    """sdserve deliberately runs without torchvision; transformers warns about it at every start."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
 def setup_logging(level: str = "info") -> dict:
     """Configure our loggers and return a uvicorn log_config that uses the same format."""
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter())
+    handler.addFilter(_DropTorchvisionNotice())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
