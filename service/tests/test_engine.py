@@ -216,3 +216,61 @@ def test_drain_finishes_queued_work_then_refuses(engine):
     t.join(60)
     assert all(len(r.future.result(0)) == 1 for r in reqs)
     assert e.state == "stopped"
+
+
+def test_batch_wait_window_gathers_batch_mates(engine):
+    """With a wait window an idle worker waits for company (until the batch is full)."""
+    calls = []
+    e = engine(batch_wait_ms=10_000, max_batch=2)
+    e.before_pipeline_call = calls.append
+    first = e.submit(P, "x", "", [1])
+    wait_until(lambda: e.queue_depth == 1, what="first queued")
+    assert calls == []  # waiting for a batch-mate, not started
+    second = e.submit(P, "y", "", [2])
+    first.future.result(60), second.future.result(60)
+    assert calls == [2]
+
+
+def test_negative_prompt_presence_splits_batches(engine):
+    gate = Gate()
+    e = engine(gate=gate)
+    blocker = e.submit(P, "x", "", [0])
+    gate.entered.wait(30)
+    with_negative = GenParams(64, 64, 3, 7.0, resolve("Euler a"), has_negative=True)
+    reqs = [e.submit(P, "a", "", [1]), e.submit(with_negative, "b", "blurry", [2]), e.submit(P, "c", "", [3])]
+    gate.open()
+    for r in (blocker, *reqs):
+        r.future.result(60)
+    assert gate.calls == [1, 2, 1]
+
+
+@pytest.fixture(scope="module")
+def sdxl_model(tmp_path_factory):
+    from sdserve.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("xl") / "tiny-sdxl", kind="sdxl")
+
+
+def test_sdxl_through_the_same_path(make_settings, sdxl_model):
+    """Another pipeline class (two text encoders, text-time conditioning) through the same loading
+    code and engine: seeds stay independent of batch-mates, negative prompts work."""
+    gate = Gate()
+    e = Engine(make_settings(model=sdxl_model)).start()
+    try:
+        assert e.wait_ready(60), e.error
+        assert e.model.pipeline_class == "StableDiffusionXLPipeline"
+        e.before_pipeline_call = gate
+        params = GenParams(64, 64, 3, 5.0, resolve("DPM++ 2M Karras"), has_negative=True)
+        blocker = e.submit(P, "x", "", [0])
+        gate.entered.wait(30)
+        batched = [e.submit(params, "a city", "fog", [5]), e.submit(params, "a field", "rain", [6])]
+        gate.open()
+        blocker.future.result(60)
+        in_batch = batched[0].future.result(60)[0]
+        batched[1].future.result(60)
+        assert gate.calls == [1, 2]
+        alone = e.submit(params, "a city", "fog", [5]).future.result(60)[0]
+        assert np.abs(pixels(in_batch) - pixels(alone)).mean() < 1.0
+    finally:
+        gate.open()
+        e.drain(30)

@@ -104,7 +104,7 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     point_caches_at(Settings().cache_dir)
     from .tiny import make_tiny_model
 
-    out = make_tiny_model(args.dir)
+    out = make_tiny_model(args.dir, kind=args.kind)
     print(out)
     return 0
 
@@ -204,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         "make-tiny-model", help="write a tiny random pipeline in diffusers format (tests, demos)"
     )
     tiny.add_argument("dir", type=Path)
+    tiny.add_argument(
+        "--kind", choices=["sd", "sdxl"], default="sd", help="SD 1.x layout (default) or SDXL layout"
+    )
 
     model_opts = [
         "model",

@@ -50,8 +50,13 @@ def _tokenizer_files(directory: Path) -> tuple[Path, Path]:
     return vocab_path, merges_path
 
 
-def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
-    """Write the tiny pipeline to `directory` (created if missing) and return its path."""
+def make_tiny_model(directory: str | Path, seed: int = 0, kind: str = "sd") -> Path:
+    """Write the tiny pipeline to `directory` (created if missing) and return its path.
+    kind: "sd" (SD 1.x layout, the default) or "sdxl" (two text encoders, text-time conditioning)."""
+    if kind == "sdxl":
+        return _make_tiny_sdxl(Path(directory), seed)
+    if kind != "sd":
+        raise ValueError(f"kind must be sd or sdxl, got {kind!r}")
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -117,6 +122,77 @@ def make_tiny_model(directory: str | Path, seed: int = 0) -> Path:
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipe.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def _make_tiny_sdxl(out: Path, seed: int) -> Path:
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab, merges = _tokenizer_files(Path(tmp))
+        tokenizer = CLIPTokenizer(vocab=str(vocab), merges=str(merges), model_max_length=77)
+        tokenizer_2 = CLIPTokenizer(vocab=str(vocab), merges=str(merges), model_max_length=77, pad_token="!")
+    text_config = dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=77,
+        projection_dim=32,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 1),
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # six size/crop ids, pooled text embedding
+        cross_attention_dim=64,  # both text encoders' hidden states, concatenated
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32, 32, 64),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(CLIPTextConfig(**text_config)),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text_config)),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
     )
     pipe.save_pretrained(out, safe_serialization=True)
     return out
