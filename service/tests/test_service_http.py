@@ -59,6 +59,12 @@ def test_failed_start_up_is_not_live(live, tmp_path):
     assert httpx.get(server.url + "/readyz").status_code == 503
 
 
+def test_safety_checker_setting_needs_a_model_that_ships_one(live):
+    server = live(wait_ready=False, safety_checker=True)
+    server.engine.wait_ready(60)
+    assert server.engine.state == "failed" and "SDSERVE_SAFETY_CHECKER" in server.engine.error
+
+
 def test_auth_bearer_basic_none_wrong(live, keyfile):
     server = live(api_keys_file=keyfile)
     assert gen(server.url, {"Authorization": f"Bearer {KEY}"}).status_code == 200

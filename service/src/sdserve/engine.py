@@ -338,7 +338,10 @@ class Engine:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            log.warning("out of memory at batch %d; retrying in halves", len(items))
+            ids = sorted({r.request_id for r, _ in items})
+            log.warning(
+                "out of memory at batch %d; retrying in halves", len(items), extra={"request_ids": ids}
+            )
             if len(items) == 1:
                 req = items[0][0]
                 self.metrics.failures.labels("out_of_memory").inc()
@@ -355,7 +358,9 @@ class Engine:
             self._run(items[half:])
             return
         except Exception as e:
-            log.exception("generation failed")
+            log.exception(
+                "generation failed", extra={"request_ids": sorted({r.request_id for r, _ in items})}
+            )
             self._running = []
             self.metrics.failures.labels("error").inc()
             for req in {id(r): r for r, _ in items}.values():
