@@ -274,3 +274,16 @@ def test_sdxl_through_the_same_path(make_settings, sdxl_model):
     finally:
         gate.open()
         e.drain(30)
+
+
+def test_cancel_during_the_wait_window_keeps_the_worker_alive(engine):
+    calls = []
+    e = engine(batch_wait_ms=10_000, max_batch=2)
+    e.before_pipeline_call = calls.append
+    lonely = e.submit(P, "x", "", [1])
+    wait_until(lambda: e.phase == "gathering", what="the worker waiting for batch-mates")
+    e.cancel(lonely)  # the request the worker gathers batch-mates for
+    wait_until(lambda: e.phase == "idle", what="the worker back to idle with an empty queue")
+    a, b = e.submit(P, "a", "", [2]), e.submit(P, "b", "", [3])
+    assert len(a.future.result(60)) == 1 and len(b.future.result(60)) == 1
+    assert calls == [2] and e.state == "ready"

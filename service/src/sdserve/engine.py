@@ -143,6 +143,7 @@ class Engine:
         # error or to hold the worker. Nothing in production sets it.
         self.before_pipeline_call: Callable[[int], None] | None = None
         self.current: dict[str, Any] = {}
+        self.phase = "starting"  # worker: idle, gathering (batch wait window), running
 
     # lifecycle ----------------------------------------------------------------
     def start(self) -> Engine:
@@ -195,9 +196,9 @@ class Engine:
             self.state = "warming"
             self._warm_up()
             with self._cond:
-                if not self._stop:
+                if self.state == "warming" and not self._stop:  # a drain may have begun meanwhile
                     self.state = "ready"
-            self.metrics.ready.set(1)
+                    self.metrics.ready.set(1)
         except Exception as e:  # start-up failure: reported, then the process exits non-zero
             self.error = str(e) if isinstance(e, ModelError) else f"{type(e).__name__}: {e}"
             self.state = "failed"
@@ -210,9 +211,22 @@ class Engine:
             self._ready.set()
         try:
             self._loop()
+        except Exception as e:  # a bug in the engine: say so on /livez, so the supervisor restarts us
+            log.exception("engine worker died")
+            self.error = f"engine worker died: {type(e).__name__}: {e}"
+            with self._cond:
+                left = list(self._queue)
+                self._queue.clear()
+            for req in left:
+                self._fail(req, GenerationFailed(self.error))
+            self.state = "failed"
+            if self.on_failure:
+                self.on_failure(self.error)
+            return
         finally:
             self.metrics.ready.set(0)
-            self.state = "stopped"
+            if self.state != "failed":
+                self.state = "stopped"
             self._finished.set()
 
     def _warm_up(self) -> None:
@@ -266,6 +280,7 @@ class Engine:
             if req in self._queue and req.taken == 0:
                 self._queue.remove(req)
                 self.metrics.queue_depth.set(len(self._queue))
+                self._cond.notify_all()  # a worker waiting for this request's batch-mates re-checks
         if not req.future.done():
             self._fail(req, Cancelled("cancelled"))
 
@@ -282,17 +297,26 @@ class Engine:
         while True:
             with self._cond:
                 while not self._queue and not self._stop:
+                    self.phase = "idle"
                     self._cond.wait()
                 if not self._queue:
                     return  # stopping, nothing left
                 if self.settings.batch_wait_ms > 0:
+                    self.phase = "gathering"
                     deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
-                    while self._compatible_images() < self.settings.max_batch and not self._stop:
+                    while (
+                        self._queue  # a cancel may empty it while we wait
+                        and self._compatible_images() < self.settings.max_batch
+                        and not self._stop
+                    ):
                         left = deadline - time.monotonic()
                         if left <= 0:
                             break
                         self._cond.wait(left)
+                    if not self._queue:
+                        continue
                 items = self._take_batch()
+                self.phase = "running"
                 self.metrics.queue_depth.set(len(self._queue))
             if items:
                 self._run(items)
