@@ -96,6 +96,10 @@ def cmd_serve(args: argparse.Namespace, names: list[str]) -> int:
         print(f"sdserve: start-up failed: {engine.error}", file=sys.stderr)
         return 1
     if not server.started:
+        print(
+            f"sdserve: the HTTP server did not start on {settings.host}:{settings.port} (see the log; address in use?)",
+            file=sys.stderr,
+        )
         return 3
     return 0
 
