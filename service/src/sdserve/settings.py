@@ -174,6 +174,8 @@ def point_caches_at(cache_dir: Path) -> None:
         "HF_HOME": cache_dir / "huggingface",
         "TORCHINDUCTOR_CACHE_DIR": cache_dir / "torchinductor",
         "TRITON_CACHE_DIR": cache_dir / "triton",
+        "TRITON_HOME": cache_dir / "triton-home",
+        "TORCH_HOME": cache_dir / "torch",
         "MPLCONFIGDIR": cache_dir / "matplotlib",
         "NUMBA_CACHE_DIR": cache_dir / "numba",
         "XDG_CACHE_HOME": cache_dir / "xdg",
