@@ -30,6 +30,8 @@ def main() -> int:
     url, unit, timeout = sys.argv[1], sys.argv[2], float(sys.argv[3])
     deadline = time.monotonic() + timeout
     last = "no answer yet"
+    # Restarts counted before this wait (a previous release's crash loop) are not this release's.
+    baseline = int(unit_state(unit).get("NRestarts", "0") or 0)
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(url, timeout=5) as r:
@@ -41,7 +43,8 @@ def main() -> int:
         except OSError as e:
             last = str(e)
         state = unit_state(unit)
-        if state.get("ActiveState") == "failed" or int(state.get("NRestarts", "0") or 0) >= CRASH_LOOP:
+        restarts = int(state.get("NRestarts", "0") or 0) - baseline
+        if state.get("ActiveState") == "failed" or restarts >= CRASH_LOOP:
             print(f"{unit}: not ready, systemd reports {state} (last probe: {last})", file=sys.stderr)
             return 1
         time.sleep(2)
