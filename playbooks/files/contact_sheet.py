@@ -48,7 +48,9 @@ def sheet(out: Path, images: list[Path]) -> int:
         x, y = (i % cols) * CELL, (i // cols) * (CELL + LABEL_H)
         with Image.open(path) as img:
             thumb = img.convert("RGB")
-            thumb.thumbnail((CELL, CELL))
+            scale = CELL / max(thumb.size)  # tiny test images are blown up (pixelated) to be seen
+            size = (max(1, round(thumb.width * scale)), max(1, round(thumb.height * scale)))
+            thumb = thumb.resize(size, Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
             canvas.paste(thumb, (x + (CELL - thumb.width) // 2, y + (CELL - thumb.height) // 2))
         draw.text((x + 4, y + CELL + 3), path.stem, fill="black", font=font)
     canvas.save(out, "PNG")
