@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import STATE, TestNodes, ansible_playbook, assert_converged, assert_idempotent
+from .conftest import STATE, ansible_playbook, assert_converged, assert_idempotent
+from .conftest import TestNodes as Nodes  # aliased: pytest would try to collect a Test* name
 from .standin.build_repo import publish
 
 pytestmark = pytest.mark.integration
@@ -47,7 +48,7 @@ class _QuietHandler(SimpleHTTPRequestHandler):
 
 @dataclass
 class StandinNode:
-    testnodes: TestNodes
+    testnodes: Nodes
     inventory: Path
     repo: Path
     pool: Path
@@ -67,7 +68,7 @@ class StandinNode:
 
 
 @pytest.fixture(scope="module")
-def standin(testnodes: TestNodes) -> Iterator[StandinNode]:
+def standin(testnodes: Nodes) -> Iterator[StandinNode]:
     state = STATE / "standin"
     repo = state / "repo"
     node = StandinNode(testnodes, Path(), repo, state / "pool")
