@@ -38,9 +38,15 @@ def base(node_vars: dict, name: str):
     return setting(node_vars, ROLE, name)
 
 
-def plain(value, fallback):
-    """Role defaults that are templates (a reference to another variable) are resolved by hand."""
-    return fallback if isinstance(value, str) and "{{" in value else value
+def resolved(host, node_vars: dict, name: str):
+    """A variable as Ansible templates it for this host: inventory values and role defaults may be
+    templates ("{{ query('fileglob', ...) }}", "{{ base_firewall_allowed_networks }}")."""
+    value = base(node_vars, name)
+    if isinstance(value, str) and "{{" in value:
+        # Role defaults are not inventory variables: give the one other default templates refer to.
+        extra = {"base_firewall_allowed_networks": base(node_vars, "base_firewall_allowed_networks")}
+        value = host.ansible("debug", f"msg={value}", check=False, extra_vars=extra)["msg"]
+    return value
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +175,7 @@ def test_unattended_upgrades_enabled_for_security_only(host) -> None:
 
 def test_extra_ca_certificates_are_trusted(host, node_vars) -> None:
     bundle = host.file("/etc/ssl/certs/ca-certificates.crt").content_string
-    for item in base(node_vars, "base_extra_ca_certificates") or []:
+    for item in resolved(host, node_vars, "base_extra_ca_certificates") or []:
         pem = (item if "-----BEGIN CERTIFICATE-----" in item else Path(item).read_text()).strip()
         name = f"/usr/local/share/ca-certificates/sdnode-{hashlib.sha256(pem.encode()).hexdigest()[:16]}.crt"
         assert host.file(name).exists, name
@@ -248,8 +254,8 @@ def test_firewall_drops_input_by_default(host) -> None:
 
 
 def test_firewall_admits_ssh_and_service_only_from_allowed_networks(host, node_vars) -> None:
-    allowed = base(node_vars, "base_firewall_allowed_networks")
-    ssh_allowed = plain(base(node_vars, "base_firewall_ssh_allowed_networks"), allowed)
+    allowed = resolved(host, node_vars, "base_firewall_allowed_networks")
+    ssh_allowed = resolved(host, node_vars, "base_firewall_ssh_allowed_networks")
     assert ssh_allowed, "base_firewall_ssh_allowed_networks is empty: SSH would be closed to everyone"
     for family in (4, 6):
         assert set_elements(host, f"ssh_allowed_v{family}") == nft_elements(ssh_allowed, family)
