@@ -33,10 +33,16 @@ def node_name(letter: str) -> str:
     return f"tn{RUN_ID}{letter}"
 
 
-def run_testnode(state: Path, *args: str, check: bool = True, timeout: float = 600
-             ) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run([TESTNODE, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "SDNODE_STATE_DIR": str(state)})
+def run_testnode(
+    state: Path, *args: str, check: bool = True, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [TESTNODE, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "SDNODE_STATE_DIR": str(state)},
+    )
     if check and proc.returncode != 0:
         pytest.fail(f"testnode {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -52,8 +58,12 @@ def on_node(state: Path, name: str, command: str, check: bool = True, timeout: f
 def up_together(state: Path, *specs: list[str]) -> dict[str, str]:
     """Start several `testnode up` at once (that is the race under test); name -> printed address."""
     env = {**os.environ, "SDNODE_STATE_DIR": str(state)}
-    procs = [subprocess.Popen([TESTNODE, "up", *spec], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env) for spec in specs]
+    procs = [
+        subprocess.Popen(
+            [TESTNODE, "up", *spec], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
+        for spec in specs
+    ]
     addresses = {}
     for spec, proc in zip(specs, procs, strict=True):
         out, err = proc.communicate(timeout=900)
@@ -64,8 +74,13 @@ def up_together(state: Path, *specs: list[str]) -> dict[str, str]:
 
 def ansible(pattern: str, inventory: Path, module: str, *args: str) -> str:
     """An ad-hoc Ansible run from the repo root (its ansible.cfg), as a user would; stdout."""
-    proc = subprocess.run([str(VENV_BIN / "ansible"), pattern, "-i", str(inventory), "-m", module, *args],
-                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    proc = subprocess.run(
+        [str(VENV_BIN / "ansible"), pattern, "-i", str(inventory), "-m", module, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -141,8 +156,9 @@ class TestTwoNodes:
             assert tn.load_record(pair.a if addr == addrs[0] else pair.b).address == str(addr)
 
     def test_macs_are_fixed_so_reused_addresses_are_reachable_at_once(self, pair: Pair) -> None:
-        bridge = subprocess.run(["ip", "-j", "link", "show", "dev", tn.BRIDGE], capture_output=True,
-                                text=True, check=True)
+        bridge = subprocess.run(
+            ["ip", "-j", "link", "show", "dev", tn.BRIDGE], capture_output=True, text=True, check=True
+        )
         assert json.loads(bridge.stdout)[0]["address"] == tn.mac_address(str(tn.GATEWAY))
         for name in (pair.a, pair.b):
             mac = on_node(pair.state, name, "cat /sys/class/net/eth0/address")
@@ -157,8 +173,10 @@ class TestTwoNodes:
 
     def test_each_node_has_its_own_identity(self, pair: Pair) -> None:
         ids = {on_node(pair.state, n, "cat /etc/machine-id") for n in (pair.a, pair.b)}
-        keys = {n: on_node(pair.state, n, "cat /etc/ssh/ssh_host_ed25519_key.pub").split()[1]
-                for n in (pair.a, pair.b)}
+        keys = {
+            n: on_node(pair.state, n, "cat /etc/ssh/ssh_host_ed25519_key.pub").split()[1]
+            for n in (pair.a, pair.b)
+        }
         assert len(ids) == 2 and len(set(keys.values())) == 2
         known = (pair.state / "testnodes" / "known_hosts").read_text().splitlines()
         for name, key in keys.items():
@@ -168,29 +186,46 @@ class TestTwoNodes:
         for src, dst in ((pair.a, pair.b), (pair.b, pair.a)):
             addr = pair.addresses[dst]
             on_node(pair.state, src, f"ping -c 1 -W 5 {addr}")
-            banner = on_node(pair.state, src, "python3 -c 'import socket; "
-                             f's = socket.create_connection(("{addr}", 22), 5); print(s.recv(64).decode())\'')
+            banner = on_node(
+                pair.state,
+                src,
+                "python3 -c 'import socket; "
+                f's = socket.create_connection(("{addr}", 22), 5); print(s.recv(64).decode())\'',
+            )
             assert banner.startswith("SSH-2.0-OpenSSH")
 
     def test_node_trusts_the_controllers_ca_for_outbound_tls(self, pair: Pair) -> None:
         for cert in tn.HOST_CA_DIR.rglob("*.crt"):
             rel = cert.relative_to(tn.HOST_CA_DIR)
             on_node(pair.state, pair.a, f"test -s /usr/local/share/ca-certificates/{rel}")
-        status = on_node(pair.state, pair.a, "python3 -c 'import urllib.request as u; "
-                         "print(u.urlopen(\"https://pypi.org/simple/pip/\", timeout=60).status)'")
+        status = on_node(
+            pair.state,
+            pair.a,
+            "python3 -c 'import urllib.request as u; "
+            'print(u.urlopen("https://pypi.org/simple/pip/", timeout=60).status)\'',
+        )
         assert status == "200"
 
     def test_apt_and_pip_work_inside(self, pair: Pair) -> None:
-        on_node(pair.state, pair.a, "DEBIAN_FRONTEND=noninteractive apt-get update -q && "
-                "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-pip")
-        out = on_node(pair.state, pair.a, "rm -rf /root/dl && "
-                      "python3 -m pip download --no-deps -d /root/dl six")
+        on_node(
+            pair.state,
+            pair.a,
+            "DEBIAN_FRONTEND=noninteractive apt-get update -q && "
+            "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-pip",
+        )
+        out = on_node(
+            pair.state, pair.a, "rm -rf /root/dl && python3 -m pip download --no-deps -d /root/dl six"
+        )
         assert "Successfully downloaded six" in out
         assert on_node(pair.state, pair.a, "ls /root/dl").startswith("six-")
 
     def test_the_nodes_firewall_is_its_own(self, pair: Pair) -> None:
-        on_node(pair.state, pair.b, "DEBIAN_FRONTEND=noninteractive apt-get update -q && "
-                "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nftables")
+        on_node(
+            pair.state,
+            pair.b,
+            "DEBIAN_FRONTEND=noninteractive apt-get update -q && "
+            "DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nftables",
+        )
         on_node(pair.state, pair.b, "nft add table inet sdn_probe")
         try:
             assert "table inet sdn_probe" in on_node(pair.state, pair.b, "nft list ruleset")
@@ -210,8 +245,9 @@ class TestTwoNodes:
         assert refused.returncode != 0
 
     def test_systemd_analyze_security_runs(self, pair: Pair) -> None:
-        assert "Overall exposure level for ssh.service" in on_node(pair.state, pair.a,
-                                                                   "systemd-analyze security ssh.service")
+        assert "Overall exposure level for ssh.service" in on_node(
+            pair.state, pair.a, "systemd-analyze security ssh.service"
+        )
 
     def test_password_login_only_where_asked(self, pair: Pair) -> None:
         pw_file = pair.state / "testnodes" / f"{pair.b}.password"
@@ -225,8 +261,14 @@ class TestTwoNodes:
             client.load_host_keys(known_hosts)
             client.set_missing_host_key_policy(paramiko.RejectPolicy())
             try:
-                client.connect(pair.addresses[name], username="root", password=password, look_for_keys=False,
-                               allow_agent=False, timeout=10)
+                client.connect(
+                    pair.addresses[name],
+                    username="root",
+                    password=password,
+                    look_for_keys=False,
+                    allow_agent=False,
+                    timeout=10,
+                )
                 _, out, _ = client.exec_command("id -u")
                 return out.read().decode().strip()
             finally:
@@ -291,12 +333,30 @@ class TestTwoNodes:
         (tmp_path / "test_probe.py").write_text(
             "def test_probe(host):\n"
             "    assert host.check_output('hostname') == host.backend.get_hostname()\n"
-            "    assert host.system_info.distribution == 'debian'\n")
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                               "-c", "/dev/null", "--rootdir", str(tmp_path), f"--ansible-inventory={path}",
-                               "--hosts=ansible://sdnodes", str(tmp_path / "test_probe.py")],
-                              capture_output=True, text=True, cwd=tmp_path, timeout=300,
-                              env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"})
+            "    assert host.system_info.distribution == 'debian'\n"
+        )
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-c",
+                "/dev/null",
+                "--rootdir",
+                str(tmp_path),
+                f"--ansible-inventory={path}",
+                "--hosts=ansible://sdnodes",
+                str(tmp_path / "test_probe.py"),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=300,
+            env={**os.environ, "PATH": f"{VENV_BIN}:{os.environ['PATH']}"},
+        )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert "2 passed" in proc.stdout
 
@@ -399,8 +459,13 @@ def test_gc_cleans_a_killed_run_and_spares_live_nodes(state: Path, ip_forward_be
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_an_interrupted_up_leaves_nothing(state: Path, sig: signal.Signals) -> None:
     name = node_name("g")
-    proc = subprocess.Popen([TESTNODE, "up", name], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "SDNODE_STATE_DIR": str(state)})
+    proc = subprocess.Popen(
+        [TESTNODE, "up", name],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "SDNODE_STATE_DIR": str(state)},
+    )
     try:
         # Interrupt as soon as the node is claimed (boot takes seconds after that).
         for _ in range(600):
@@ -435,8 +500,9 @@ def test_cached_root_filesystem_carries_no_identity(state: Path) -> None:
     assert "usr/sbin/sshd" in names and "usr/lib/systemd/systemd" in names
     for cert in tn.HOST_CA_DIR.rglob("*.crt"):
         assert f"usr/local/share/ca-certificates/{cert.relative_to(tn.HOST_CA_DIR)}" in names
-    machine_id = subprocess.run(["tar", "-xOf", str(tarball), "./etc/machine-id"], capture_output=True,
-                                check=True).stdout
+    machine_id = subprocess.run(
+        ["tar", "-xOf", str(tarball), "./etc/machine-id"], capture_output=True, check=True
+    ).stdout
     assert machine_id == b""
     # Nodes write to their own upper layer, never to the shared tree under them.
     tree = tn.base_tree(tarball)

@@ -35,8 +35,15 @@ def state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def running_record(name: str, address: str, state: Path, **kw: object) -> tn.NodeRecord:
     """A record whose 'supervisor' is this test process, so it counts as running."""
-    return tn.NodeRecord(name=name, address=address, state_dir=str(state), status="up",
-                         supervisor_pid=os.getpid(), supervisor_start=tn.proc_start_time(os.getpid()), **kw)
+    return tn.NodeRecord(
+        name=name,
+        address=address,
+        state_dir=str(state),
+        status="up",
+        supervisor_pid=os.getpid(),
+        supervisor_start=tn.proc_start_time(os.getpid()),
+        **kw,
+    )
 
 
 # --- names and addresses -----------------------------------------------------------------------------
@@ -55,8 +62,12 @@ def test_invalid_names_are_refused_with_the_name(name: str) -> None:
 
 @pytest.mark.parametrize(
     ("used", "expected"),
-    [([], "10.213.0.10"), (["10.213.0.10", "10.213.0.11"], "10.213.0.12"),
-     (["10.213.0.10", "10.213.0.12"], "10.213.0.11"), (["10.213.0.11"], "10.213.0.10")],
+    [
+        ([], "10.213.0.10"),
+        (["10.213.0.10", "10.213.0.11"], "10.213.0.12"),
+        (["10.213.0.10", "10.213.0.12"], "10.213.0.11"),
+        (["10.213.0.11"], "10.213.0.10"),
+    ],
 )
 def test_allocation_takes_the_lowest_free_address(used: list[str], expected: str) -> None:
     assert tn.allocate_address(used) == expected
@@ -84,8 +95,13 @@ def test_mac_addresses_are_fixed_per_address_unique_and_local() -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("512M", 512 * 2**20), ("2G", 2 * 2**30), ("1.5GiB", 3 * 2**29), ("1073741824", 2**30),
-     ("4g", 4 * 2**30)],
+    [
+        ("512M", 512 * 2**20),
+        ("2G", 2 * 2**30),
+        ("1.5GiB", 3 * 2**29),
+        ("1073741824", 2**30),
+        ("4g", 4 * 2**30),
+    ],
 )
 def test_memory_sizes_parse(text: str, expected: int) -> None:
     assert tn.parse_memory(text) == expected
@@ -112,15 +128,23 @@ def test_proc_alive_guards_against_pid_reuse() -> None:
 
 def test_record_liveness(nodes_dir: Path, state: Path) -> None:
     me, start = os.getpid(), tn.proc_start_time(os.getpid())
-    creating = tn.NodeRecord(name="a", address="10.213.0.10", state_dir=str(state), owner_pid=me,
-                             owner_start=start)
+    creating = tn.NodeRecord(
+        name="a", address="10.213.0.10", state_dir=str(state), owner_pid=me, owner_start=start
+    )
     assert creating.is_live() and not creating.is_running()
     assert tn.node_status(creating) == "creating"
-    orphan = tn.NodeRecord(name="b", address="10.213.0.11", state_dir=str(state), owner_pid=me,
-                           owner_start=(start or 0) + 1)
+    orphan = tn.NodeRecord(
+        name="b", address="10.213.0.11", state_dir=str(state), owner_pid=me, owner_start=(start or 0) + 1
+    )
     assert not orphan.is_live()
-    dead = tn.NodeRecord(name="c", address="10.213.0.12", state_dir=str(state), status="up",
-                         supervisor_pid=me, supervisor_start=(start or 0) + 1)
+    dead = tn.NodeRecord(
+        name="c",
+        address="10.213.0.12",
+        state_dir=str(state),
+        status="up",
+        supervisor_pid=me,
+        supervisor_start=(start or 0) + 1,
+    )
     assert tn.node_status(dead) == "dead"
     assert tn.node_status(running_record("d", "10.213.0.13", state)) == "running"
 
@@ -146,8 +170,17 @@ def test_unreadable_record_points_at_gc(nodes_dir: Path) -> None:
 
 def test_stray_processes_are_found_by_node_name() -> None:
     # A stand-in whose command line looks like a supervisor of node "fakenode".
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "sdnode.testnode",
-                             "_supervise", "fakenode", "0"])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; time.sleep(60)",
+            "sdnode.testnode",
+            "_supervise",
+            "fakenode",
+            "0",
+        ]
+    )
     try:
         deadline = time.monotonic() + 10
         while "fakenode" not in tn.proc_cmdline(proc.pid) and time.monotonic() < deadline:
@@ -174,8 +207,11 @@ def test_known_hosts_replaces_only_the_nodes_address(tmp_path: Path) -> None:
     path.write_text("10.213.0.10 ssh-ed25519 OLD\n10.213.0.11 ssh-ed25519 KEEP\n10.213.0.100 ssh-rsa KEEP2\n")
     tn.update_known_hosts(path, "10.213.0.10", ["ssh-ed25519 NEW", "ssh-rsa NEW2"])
     assert path.read_text().splitlines() == [
-        "10.213.0.11 ssh-ed25519 KEEP", "10.213.0.100 ssh-rsa KEEP2",
-        "10.213.0.10 ssh-ed25519 NEW", "10.213.0.10 ssh-rsa NEW2"]
+        "10.213.0.11 ssh-ed25519 KEEP",
+        "10.213.0.100 ssh-rsa KEEP2",
+        "10.213.0.10 ssh-ed25519 NEW",
+        "10.213.0.10 ssh-rsa NEW2",
+    ]
     tn.update_known_hosts(path, "10.213.0.10", [])
     assert "10.213.0.10 " not in path.read_text()
 
@@ -192,13 +228,19 @@ def ansible_inventory_list(path: Path) -> dict:
     tool = shutil.which("ansible-inventory", path=str(VENV_BIN)) or shutil.which("ansible-inventory")
     if tool is None:
         pytest.skip("ansible-inventory is not installed")
-    out = subprocess.run([tool, "-i", str(path), "--list"], capture_output=True, text=True, check=True,
-                         env={**os.environ, "ANSIBLE_INVENTORY_UNPARSED_FAILED": "true"})
+    out = subprocess.run(
+        [tool, "-i", str(path), "--list"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "ANSIBLE_INVENTORY_UNPARSED_FAILED": "true"},
+    )
     return json.loads(out.stdout)
 
 
-def test_inventory_lists_only_this_checkouts_running_nodes(nodes_dir: Path, state: Path,
-                                                           tmp_path: Path) -> None:
+def test_inventory_lists_only_this_checkouts_running_nodes(
+    nodes_dir: Path, state: Path, tmp_path: Path
+) -> None:
     tn.save_record(running_record("mine", "10.213.0.10", state))
     tn.save_record(running_record("theirs", "10.213.0.11", tmp_path / "other-checkout"))
     tn.save_record(tn.NodeRecord(name="booting", address="10.213.0.12", state_dir=str(state)))
@@ -254,21 +296,34 @@ def test_group_vars_never_replaces_a_real_directory(nodes_dir: Path, state: Path
 def test_recipe_hash_is_stable_and_tracks_every_input() -> None:
     recipe = tn.rootfs_recipe()
     assert tn.recipe_hash(recipe) == tn.recipe_hash(json.loads(json.dumps(recipe)))
-    for key, value in [("include", [*recipe["include"], "vim"]), ("ca", {"x.crt": "PEM"}),
-                       ("steps", recipe["steps"] + 1), ("mirror", "http://example.org/debian")]:
+    for key, value in [
+        ("include", [*recipe["include"], "vim"]),
+        ("ca", {"x.crt": "PEM"}),
+        ("steps", recipe["steps"] + 1),
+        ("mirror", "http://example.org/debian"),
+    ]:
         assert tn.recipe_hash({**recipe, key: value}) != tn.recipe_hash(recipe), key
     assert tn.rootfs_tarball(recipe).name == f"rootfs-bookworm-{tn.recipe_hash(recipe)}.tar"
 
 
 def test_recipe_holds_what_ansible_needs() -> None:
     include = set(tn.rootfs_recipe()["include"])
-    assert {"systemd", "systemd-sysv", "dbus", "openssh-server", "python3", "sudo", "iproute2",
-            "ca-certificates"} <= include
+    assert {
+        "systemd",
+        "systemd-sysv",
+        "dbus",
+        "openssh-server",
+        "python3",
+        "sudo",
+        "iproute2",
+        "ca-certificates",
+    } <= include
     assert "python3-apt" not in include  # Ansible's apt module installs it, as on a fresh cloud image
 
 
-def test_host_apt_settings_mirror_only_proxy_and_validity(tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_host_apt_settings_mirror_only_proxy_and_validity(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "01proxy").write_text('Acquire::http::Proxy "http://proxy:3128";\n')
     (tmp_path / "99valid").write_text('Acquire::Check-Valid-Until "false";\n')
     (tmp_path / "20unrelated").write_text('APT::Install-Recommends "false";\n')
@@ -305,8 +360,14 @@ def test_node_resolvers_are_reachable_from_a_namespace() -> None:
 
 def test_nspawn_command_matches_the_documented_boot() -> None:
     argv = tn.nspawn_argv("demo")
-    for flag in ("--register=no", "--keep-unit", "--network-namespace-path=/run/netns/sdn-demo", "-b",
-                 "--machine=demo", "--capability=CAP_NET_ADMIN"):
+    for flag in (
+        "--register=no",
+        "--keep-unit",
+        "--network-namespace-path=/run/netns/sdn-demo",
+        "-b",
+        "--machine=demo",
+        "--capability=CAP_NET_ADMIN",
+    ):
         assert flag in argv
     assert argv[argv.index("-D") + 1] == str(tn.rootfs_path("demo"))
     assert tn.nspawn_env()["SYSTEMD_NSPAWN_API_VFS_WRITABLE"] == "network"
@@ -361,8 +422,13 @@ def test_root_commands_refuse_clearly_without_root(command: list[str], tmp_path:
     testnode = VENV_BIN / "testnode"
     if not testnode.exists():
         pytest.skip("testnode is not installed in this venv")
-    proc = subprocess.run([*as_nobody(), str(testnode), *command], capture_output=True, text=True,
-                          env={**os.environ, "SDNODE_STATE_DIR": str(tmp_path)}, cwd=tmp_path)
+    proc = subprocess.run(
+        [*as_nobody(), str(testnode), *command],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SDNODE_STATE_DIR": str(tmp_path)},
+        cwd=tmp_path,
+    )
     assert proc.returncode != 0
     assert f"`testnode {command[0]}` needs root" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -56,8 +56,14 @@ DEFAULT_NODES_DIR = Path("/var/lib/sdnode/testnodes")
 NSPAWN_REBOOT_STATUS = 133
 NSPAWN_PROPAGATE = Path("/run/systemd/nspawn/propagate")
 HOST_PACKAGES = ("debootstrap", "systemd-container", "nftables", "iproute2", "openssh-client", "rsync")
-HOST_TOOLS = {"debootstrap": "debootstrap", "systemd-nspawn": "systemd-container", "nft": "nftables",
-              "ip": "iproute2", "ssh": "openssh-client", "ssh-keygen": "openssh-client"}
+HOST_TOOLS = {
+    "debootstrap": "debootstrap",
+    "systemd-nspawn": "systemd-container",
+    "nft": "nftables",
+    "ip": "iproute2",
+    "ssh": "openssh-client",
+    "ssh-keygen": "openssh-client",
+}
 READY_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 15.0
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}[a-z0-9]$|^[a-z]$")
@@ -76,8 +82,14 @@ class TestnodeError(Exception):
 # Helpers
 
 
-def run(cmd: Sequence[str | os.PathLike[str]], *, input: str | None = None, check: bool = True,
-        timeout: float | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: Sequence[str | os.PathLike[str]],
+    *,
+    input: str | None = None,
+    check: bool = True,
+    timeout: float | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run a command, capturing output; on failure raise TestnodeError naming the command and its stderr."""
     argv = [str(a) for a in cmd]
     try:
@@ -94,8 +106,10 @@ def run(cmd: Sequence[str | os.PathLike[str]], *, input: str | None = None, chec
 
 def require_root(what: str) -> None:
     if os.geteuid() != 0:
-        raise TestnodeError(f"`testnode {what}` needs root (network namespaces, nftables, systemd-nspawn); "
-                            "run it with sudo or as root")
+        raise TestnodeError(
+            f"`testnode {what}` needs root (network namespaces, nftables, systemd-nspawn); "
+            "run it with sudo or as root"
+        )
 
 
 def require_host_tools() -> None:
@@ -222,8 +236,10 @@ def parse_memory(value: str) -> int:
 def validate_name(name: str) -> str:
     """Node names become hostnames, machine names and netns names: keep them short DNS labels."""
     if not NAME_RE.fullmatch(name) or "--" in name:
-        raise TestnodeError(f"node name {name!r}: use 1-32 lowercase letters, digits and single hyphens, "
-                            "starting with a letter and not ending with a hyphen")
+        raise TestnodeError(
+            f"node name {name!r}: use 1-32 lowercase letters, digits and single hyphens, "
+            "starting with a letter and not ending with a hyphen"
+        )
     return name
 
 
@@ -306,8 +322,9 @@ def load_record(name: str) -> NodeRecord | None:
     except FileNotFoundError:
         return None
     except (json.JSONDecodeError, TypeError) as exc:
-        raise TestnodeError(f"node record {record_path(name)} is unreadable ({exc}); "
-                            "run `testnode gc`") from exc
+        raise TestnodeError(
+            f"node record {record_path(name)} is unreadable ({exc}); run `testnode gc`"
+        ) from exc
     known = {f.name for f in dataclasses.fields(NodeRecord)}
     return NodeRecord(**{k: v for k, v in data.items() if k in known})
 
@@ -370,11 +387,22 @@ def update_known_hosts(path: Path, address: str, host_keys: Sequence[str]) -> No
     write_file(path, "".join(f"{line}\n" for line in kept), 0o644)
 
 
-def ssh_base_args(base: Path, address: str, *, batch: bool = True, connect_timeout: int | None = None
-                  ) -> list[str]:
-    args = ["ssh", "-i", str(key_path(base)), "-o", "IdentitiesOnly=yes",
-            "-o", f"UserKnownHostsFile={known_hosts_path(base)}", "-o", "StrictHostKeyChecking=yes",
-            "-o", "LogLevel=ERROR"]
+def ssh_base_args(
+    base: Path, address: str, *, batch: bool = True, connect_timeout: int | None = None
+) -> list[str]:
+    args = [
+        "ssh",
+        "-i",
+        str(key_path(base)),
+        "-o",
+        "IdentitiesOnly=yes",
+        "-o",
+        f"UserKnownHostsFile={known_hosts_path(base)}",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        "LogLevel=ERROR",
+    ]
     if batch:
         args += ["-o", "BatchMode=yes"]
     if connect_timeout is not None:
@@ -389,9 +417,24 @@ SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
 SECURITY_MIRROR = "http://deb.debian.org/debian-security"
 # What a fresh Debian cloud image offers Ansible: systemd, sshd with sftp, python3, sudo, basic tools.
-INCLUDE = ("systemd", "systemd-sysv", "dbus", "openssh-server", "openssh-sftp-server", "python3", "sudo",
-           "iproute2", "ca-certificates", "netbase", "procps", "iputils-ping", "curl", "gnupg", "less",
-           "xz-utils")
+INCLUDE = (
+    "systemd",
+    "systemd-sysv",
+    "dbus",
+    "openssh-server",
+    "openssh-sftp-server",
+    "python3",
+    "sudo",
+    "iproute2",
+    "ca-certificates",
+    "netbase",
+    "procps",
+    "iputils-ping",
+    "curl",
+    "gnupg",
+    "less",
+    "xz-utils",
+)
 HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
 HOST_APT_CONF_DIR = Path("/etc/apt/apt.conf.d")
 # Host apt settings worth mirroring into nodes: the proxy and the archive-validity relaxations it needs.
@@ -419,9 +462,16 @@ def host_apt_settings() -> dict[str, str]:
 
 def rootfs_recipe() -> dict[str, Any]:
     """Everything that decides the tarball's content; its hash names the cache file."""
-    return {"suite": SUITE, "variant": "minbase", "mirror": MIRROR, "security": SECURITY_MIRROR,
-            "include": sorted(INCLUDE), "steps": BUILD_STEPS_VERSION, "ca": host_ca_certs(),
-            "apt": host_apt_settings()}
+    return {
+        "suite": SUITE,
+        "variant": "minbase",
+        "mirror": MIRROR,
+        "security": SECURITY_MIRROR,
+        "include": sorted(INCLUDE),
+        "steps": BUILD_STEPS_VERSION,
+        "ca": host_ca_certs(),
+        "apt": host_apt_settings(),
+    }
 
 
 def recipe_hash(recipe: dict[str, Any]) -> str:
@@ -433,9 +483,11 @@ def rootfs_tarball(recipe: dict[str, Any] | None = None) -> Path:
 
 
 def sources_list() -> str:
-    return (f"deb {MIRROR} {SUITE} main\n"
-            f"deb {MIRROR} {SUITE}-updates main\n"
-            f"deb {SECURITY_MIRROR} {SUITE}-security main\n")
+    return (
+        f"deb {MIRROR} {SUITE} main\n"
+        f"deb {MIRROR} {SUITE}-updates main\n"
+        f"deb {SECURITY_MIRROR} {SUITE}-security main\n"
+    )
 
 
 def ensure_rootfs_tarball(log: Log = print) -> Path:
@@ -464,8 +516,10 @@ def ensure_rootfs_tarball(log: Log = print) -> Path:
 
 
 def build_rootfs(root: Path, recipe: dict[str, Any]) -> None:
-    run(["debootstrap", "--variant=minbase", f"--include={','.join(recipe['include'])}", SUITE, root, MIRROR],
-        timeout=1800)
+    run(
+        ["debootstrap", "--variant=minbase", f"--include={','.join(recipe['include'])}", SUITE, root, MIRROR],
+        timeout=1800,
+    )
     (root / "etc/apt/sources.list").write_text(sources_list())
     for name, text in recipe["apt"].items():
         (root / "etc/apt/apt.conf.d" / f"50sdnode-host-{name}").write_text(text)
@@ -564,8 +618,23 @@ def setup_node_network(name: str, address: str) -> None:
     ns, veth = netns_name(name), veth_name(address)
     remove_node_network(name, address)  # leftovers of a killed run under the same name or address
     run(["ip", "netns", "add", ns])
-    run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "address", mac_address(address),
-         "netns", ns])
+    run(
+        [
+            "ip",
+            "link",
+            "add",
+            veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "address",
+            mac_address(address),
+            "netns",
+            ns,
+        ]
+    )
     run(["ip", "neigh", "flush", "to", address, "dev", BRIDGE], check=False)
     run(["ip", "link", "set", veth, "master", BRIDGE, "up"])
     run(["ip", "-n", ns, "link", "set", "lo", "up"])
@@ -612,8 +681,10 @@ def resolv_conf() -> str:
 
 
 def hosts_file(name: str, address: str) -> str:
-    return (f"127.0.0.1\tlocalhost\n{address}\t{name}\n"
-            "::1\tlocalhost ip6-localhost ip6-loopback\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n")
+    return (
+        f"127.0.0.1\tlocalhost\n{address}\t{name}\n"
+        "::1\tlocalhost ip6-localhost ip6-loopback\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n"
+    )
 
 
 def sshd_dropin(password_login: bool) -> str:
@@ -686,10 +757,21 @@ def prepare_rootfs(name: str, address: str, tarball: Path, base: Path, password:
     # Key generation (RSA takes seconds on a busy machine) runs while the rest is written.
     keygens = {}
     for kind in ("ed25519", "ecdsa", "rsa"):
-        argv = ["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", f"root@{name}",
-                "-f", str(root / f"etc/ssh/ssh_host_{kind}_key")]
-        keygens[kind] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT)
+        argv = [
+            "ssh-keygen",
+            "-q",
+            "-t",
+            kind,
+            "-N",
+            "",
+            "-C",
+            f"root@{name}",
+            "-f",
+            str(root / f"etc/ssh/ssh_host_{kind}_key"),
+        ]
+        keygens[kind] = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
     (root / "etc/machine-id").write_text(secrets.token_hex(16) + "\n")
     (root / "etc/hostname").write_text(name + "\n")
     (root / "etc/hosts").write_text(hosts_file(name, address))
@@ -744,8 +826,13 @@ def discard_tree(path: Path) -> None:
     target = trash_dir() / f"{path.name}-{secrets.token_hex(4)}"
     target.parent.mkdir(parents=True, exist_ok=True)
     os.rename(path, target)
-    subprocess.Popen(["rm", "-rf", "--one-file-system", str(target)], stdin=subprocess.DEVNULL,
-                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    subprocess.Popen(
+        ["rm", "-rf", "--one-file-system", str(target)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -753,11 +840,22 @@ def discard_tree(path: Path) -> None:
 
 
 def nspawn_argv(name: str) -> list[str]:
-    return ["systemd-nspawn", "--register=no", "--keep-unit", f"--network-namespace-path=/run/netns/"
-            f"{netns_name(name)}", "-b", "-D", str(rootfs_path(name)), f"--machine={name}",
-            # a private netns already implies CAP_NET_ADMIN; explicit so the node's nftables is testable
-            "--capability=CAP_NET_ADMIN", "--resolv-conf=off", "--timezone=off", "--link-journal=no",
-            "--console=read-only"]
+    return [
+        "systemd-nspawn",
+        "--register=no",
+        "--keep-unit",
+        f"--network-namespace-path=/run/netns/{netns_name(name)}",
+        "-b",
+        "-D",
+        str(rootfs_path(name)),
+        f"--machine={name}",
+        # a private netns already implies CAP_NET_ADMIN; explicit so the node's nftables is testable
+        "--capability=CAP_NET_ADMIN",
+        "--resolv-conf=off",
+        "--timezone=off",
+        "--link-journal=no",
+        "--console=read-only",
+    ]
 
 
 def nspawn_env() -> dict[str, str]:
@@ -776,8 +874,11 @@ def memory_cgroup(name: str) -> Path | None:
                 return mount / path.lstrip("/") / f"sdnode-{name}"
     unified = Path("/sys/fs/cgroup/cgroup.controllers")
     if unified.exists() and "memory" in unified.read_text().split():
-        own = next(line.split("::", 1)[1] for line in Path("/proc/self/cgroup").read_text().splitlines()
-                   if line.startswith("0::"))
+        own = next(
+            line.split("::", 1)[1]
+            for line in Path("/proc/self/cgroup").read_text().splitlines()
+            if line.startswith("0::")
+        )
         return Path("/sys/fs/cgroup") / own.lstrip("/") / f"sdnode-{name}"
     return None
 
@@ -821,8 +922,14 @@ def start_supervisor(record: NodeRecord, base: Path) -> None:
     # The node name right after `_supervise`: gc and down find supervisors by it.
     argv = [sys.executable, "-m", "sdnode.testnode", "_supervise", record.name, str(record.memory or 0)]
     with open(log, "ab") as out:
-        proc = subprocess.Popen([*argv, "--", *nspawn_argv(record.name)], stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, close_fds=True)
+        proc = subprocess.Popen(
+            [*argv, "--", *nspawn_argv(record.name)],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            close_fds=True,
+        )
     record.supervisor_pid = proc.pid
     record.supervisor_start = proc_start_time(proc.pid)
 
@@ -845,18 +952,28 @@ def wait_ready(record: NodeRecord, base: Path, timeout: float = READY_TIMEOUT_S)
     last = ""
     while time.monotonic() < deadline:
         if not proc_alive(record.supervisor_pid, record.supervisor_start):
-            raise TestnodeError(f"node {record.name} stopped while booting; log tail:\n"
-                                f"{log_tail(base, record.name)}")
-        result = run([*ssh_base_args(base, record.address, connect_timeout=2),
-                      "systemctl", "is-system-running", "--wait"],
-                     check=False, timeout=max(5.0, deadline - time.monotonic()))
+            raise TestnodeError(
+                f"node {record.name} stopped while booting; log tail:\n{log_tail(base, record.name)}"
+            )
+        result = run(
+            [
+                *ssh_base_args(base, record.address, connect_timeout=2),
+                "systemctl",
+                "is-system-running",
+                "--wait",
+            ],
+            check=False,
+            timeout=max(5.0, deadline - time.monotonic()),
+        )
         state = result.stdout.strip()
         if state in ("running", "degraded"):
             return state
         last = state or result.stderr.strip()
         time.sleep(0.3)
-    raise TestnodeError(f"node {record.name} not ready after {timeout:.0f} s (last: {last}); log tail:\n"
-                        f"{log_tail(base, record.name)}")
+    raise TestnodeError(
+        f"node {record.name} not ready after {timeout:.0f} s (last: {last}); log tail:\n"
+        f"{log_tail(base, record.name)}"
+    )
 
 
 def up(name: str, *, password_login: bool = False, memory: int | None = None, log: Log = print) -> NodeRecord:
@@ -894,8 +1011,10 @@ def up(name: str, *, password_login: bool = False, memory: int | None = None, lo
         save_record(record)
         write_inventory(base)
         total = time.monotonic() - started
-        log(f"{name} is up at {record.address} (systemd {state}; {total:.1f} s: {prepared:.1f} s to prepare, "
-            f"{total - prepared:.1f} s to boot)")
+        log(
+            f"{name} is up at {record.address} (systemd {state}; {total:.1f} s: {prepared:.1f} s to prepare, "
+            f"{total - prepared:.1f} s to boot)"
+        )
         return record
     except BaseException:
         # Interrupted or failed half-way: leave nothing behind (down takes the host lock itself), but
@@ -913,17 +1032,25 @@ def _claim(name: str, base: Path, password_login: bool, memory: int | None) -> N
         existing = load_record(name)
         if existing is not None and existing.is_live():
             if existing.state_dir != str(base):
-                raise TestnodeError(f"node {name} exists and belongs to {existing.state_dir}; pick another "
-                                    "name or `testnode down` it from there")
+                raise TestnodeError(
+                    f"node {name} exists and belongs to {existing.state_dir}; pick another "
+                    "name or `testnode down` it from there"
+                )
             if existing.status == "up":
                 return existing
             raise TestnodeError(f"node {name} is being created by process {existing.owner_pid}")
         if existing is not None:  # a dead leftover: clear it, then start afresh
             _remove_node_resources(existing.name, existing.address, existing.cgroup)
         used = [r.address for r in load_records() if r.name != name and r.is_live()]
-        record = NodeRecord(name=name, address=allocate_address(used), state_dir=str(base),
-                            password_login=password_login, memory=memory, owner_pid=os.getpid(),
-                            owner_start=proc_start_time(os.getpid()))
+        record = NodeRecord(
+            name=name,
+            address=allocate_address(used),
+            state_dir=str(base),
+            password_login=password_login,
+            memory=memory,
+            owner_pid=os.getpid(),
+            owner_start=proc_start_time(os.getpid()),
+        )
         if memory:
             group = memory_cgroup(name)
             if group is None:
@@ -1043,9 +1170,17 @@ def node_status(record: NodeRecord) -> str:
 
 
 def list_nodes(base: Path) -> list[dict[str, Any]]:
-    return [{"name": r.name, "address": r.address, "status": node_status(r),
-             "password_login": r.password_login, "state_dir": r.state_dir, "mine": r.state_dir == str(base)}
-            for r in load_records()]
+    return [
+        {
+            "name": r.name,
+            "address": r.address,
+            "status": node_status(r),
+            "password_login": r.password_login,
+            "state_dir": r.state_dir,
+            "mine": r.state_dir == str(base),
+        }
+        for r in load_records()
+    ]
 
 
 def find_own_node(name: str, base: Path) -> NodeRecord:
@@ -1069,7 +1204,7 @@ def inventory_data(records: Iterable[NodeRecord], base: Path) -> dict[str, Any]:
             "ansible_user": "root",
             "ansible_ssh_private_key_file": str(key_path(base)),
             "ansible_ssh_common_args": f"-o UserKnownHostsFile={known_hosts_path(base)} "
-                                       "-o StrictHostKeyChecking=yes",
+            "-o StrictHostKeyChecking=yes",
             "ansible_python_interpreter": "/usr/bin/python3",
             "sdnode_accelerator": "cpu",
         }
@@ -1160,8 +1295,11 @@ def gc(log: Log = print) -> list[str]:
                     remove_cgroup(stale)
                     removed.append(f"cgroup {stale}")
         if not live:
-            had_shared = link_exists(BRIDGE) or ip_forward_saved().exists() or run(
-                ["nft", "list", "table", "inet", NFT_TABLE], check=False).returncode == 0
+            had_shared = (
+                link_exists(BRIDGE)
+                or ip_forward_saved().exists()
+                or run(["nft", "list", "table", "inet", NFT_TABLE], check=False).returncode == 0
+            )
             teardown_shared_network()
             if had_shared:
                 removed.append(f"bridge {BRIDGE}, table inet {NFT_TABLE}, ip_forward restored")
@@ -1245,13 +1383,19 @@ def host_setup(log: Log = print) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="testnode", description="Throwaway Debian 12 test nodes "
-                                     "(systemd-nspawn) that Ansible and testinfra can deploy to.")
+    parser = argparse.ArgumentParser(
+        prog="testnode",
+        description="Throwaway Debian 12 test nodes "
+        "(systemd-nspawn) that Ansible and testinfra can deploy to.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("up", help="start a node (idempotent) and print its address")
     p.add_argument("name")
-    p.add_argument("--password-login", action="store_true",
-                   help="give root a random password ($STATE/testnodes/NAME.password), allowed over SSH")
+    p.add_argument(
+        "--password-login",
+        action="store_true",
+        help="give root a random password ($STATE/testnodes/NAME.password), allowed over SSH",
+    )
     p.add_argument("--memory", type=parse_memory, help="memory limit, e.g. 2G")
     p = sub.add_parser("down", help="stop nodes and remove everything they made")
     target = p.add_mutually_exclusive_group(required=True)
@@ -1300,8 +1444,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "up":
-        record = up(args.name, password_login=args.password_login, memory=args.memory,
-                    log=lambda msg: print(msg, file=sys.stderr))
+        record = up(
+            args.name,
+            password_login=args.password_login,
+            memory=args.memory,
+            log=lambda msg: print(msg, file=sys.stderr),
+        )
         print(record.address)
     elif args.command == "down":
         base = state_dir()
@@ -1321,8 +1469,10 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"{'NAME':<20} {'ADDRESS':<14} {'STATUS':<9} {'LOGIN':<9} STATE")
             for n in nodes:
                 login = "password" if n["password_login"] else "key"
-                print(f"{n['name']:<20} {n['address']:<14} {n['status']:<9} {login:<9} "
-                      f"{'this checkout' if n['mine'] else n['state_dir']}")
+                print(
+                    f"{n['name']:<20} {n['address']:<14} {n['status']:<9} {login:<9} "
+                    f"{'this checkout' if n['mine'] else n['state_dir']}"
+                )
     elif args.command == "ssh":
         base = state_dir()
         record = find_own_node(args.name, base)
