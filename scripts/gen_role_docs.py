@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -20,7 +21,7 @@ END = "<!-- END ROLE VARIABLES -->"
 
 
 def cell(value: object) -> str:
-    text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+    text = value if isinstance(value, str) else json.dumps(value)
     text = " ".join(str(text).split())
     return text.replace("|", "\\|")
 
