@@ -80,10 +80,10 @@ def compile_lock(
             uv(),
             "pip",
             "compile",
-            *map(str, inputs),
+            *(str(i.relative_to(ROOT)) for i in inputs),
             "--constraint",
             str(cfile),
-            *[a for f in constraint_files for a in ("--constraint", str(f))],
+            *[a for f in constraint_files for a in ("--constraint", str(f.relative_to(ROOT)))],
             "--generate-hashes",
             "--python-version",
             python,
@@ -108,6 +108,8 @@ def compile_lock(
         env.setdefault("SSL_CERT_FILE", "/etc/ssl/certs/ca-certificates.crt")
         env["UV_NATIVE_TLS"] = "1"
         subprocess.run(args, check=True, cwd=ROOT, env=env)
+        # The temporary constraints file's path lands in uv's "via" notes: name it stably instead.
+        output.write_text(output.read_text().replace(str(cfile), "torch pin in scripts/lock_requirements.py"))
 
 
 def main() -> int:
