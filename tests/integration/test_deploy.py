@@ -4,8 +4,13 @@ fail before any change. Every test leaves the node on the release site.yml deplo
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import http.server
 import json
 import shutil
+import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -144,6 +149,51 @@ def test_kill_9_is_recovered_by_systemd(deployed: Deployment, testnodes, origina
     restarts = node_sh(testnodes, node, "systemctl show sdserve@0.service --property=NRestarts --value")
     assert int(restarts) >= 1
     assert ready(testnodes, node)
+
+
+@pytest.fixture
+def model_archive_url(tmp_path: Path, tiny_model: Path):
+    """The tiny model as a tar.gz on a throwaway HTTP server on the test-node bridge (10.213.0.1)."""
+    archive = tmp_path / "tiny-url.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(tiny_model, arcname="tiny")  # wrapped in a directory, as published archives are
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("10.213.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield (
+            f"http://10.213.0.1:{server.server_port}/{archive.name}",
+            hashlib.sha256(archive.read_bytes()).hexdigest(),
+        )
+    finally:
+        server.shutdown()
+
+
+def test_model_from_a_url_is_checked_against_its_sha256(
+    deployed: Deployment, testnodes, original: str, model_archive_url
+) -> None:
+    node, inv = deployed.node, deployed.inventory
+    url, sha = model_archive_url
+    before = node_sh(testnodes, node, "readlink /var/lib/sdserve/models/current")
+    common = {"model_cache_source": "url", "model_cache_url": url, "model_cache_url_strip_components": 1}
+
+    wrong = ansible_playbook(
+        "deploy.yml", inv, extra_vars={**common, "model_cache_url_sha256": "0" * 64}, label="url-bad-sha"
+    )
+    assert wrong.rc != 0 and "checksum" in wrong.output.lower(), wrong.explain()
+    assert node_sh(testnodes, node, "readlink /var/lib/sdserve/models/current") == before
+    assert ready(testnodes, node)
+
+    run = ansible_playbook(
+        "deploy.yml", inv, extra_vars={**common, "model_cache_url_sha256": sha}, label="url-model"
+    )
+    assert_converged(run)
+    now = node_sh(testnodes, node, "readlink /var/lib/sdserve/models/current")
+    assert now.endswith(f"/tiny-url-{sha[:12]}"), now
+    assert ready(testnodes, node)
+    manifest = json.loads(node_sh(testnodes, node, "cat /etc/sdserve/manifest.json"))
+    assert manifest["model"]["revision"] == f"sha256:{sha}" and manifest["model"]["path"] == now
 
 
 BAD_VARIABLES = [
