@@ -17,6 +17,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from sdnode.state import cache_dir
 
 from .conftest import STATE, ansible_playbook, assert_converged, assert_idempotent
 from .conftest import TestNodes as Nodes  # aliased: pytest would try to collect a Test* name
@@ -71,7 +72,8 @@ class StandinNode:
 def standin(testnodes: Nodes) -> Iterator[StandinNode]:
     state = STATE / "standin"
     repo = state / "repo"
-    node = StandinNode(testnodes, Path(), repo, state / "pool")
+    # The built .debs outlive a clone (CI starts from one): rebuilt only when packages.yml changes.
+    node = StandinNode(testnodes, Path(), repo, cache_dir() / "standin-pool")
     node.publish(V1, OTHER_BRANCH)
     server = ThreadingHTTPServer((BRIDGE, 0), partial(_QuietHandler, directory=str(repo)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
