@@ -204,6 +204,8 @@ BAD_VARIABLES = [
     ({"sd_service_port_base": 70000}, "sd_service_port_base"),
     ({"sd_service_api_keys": []}, "sd_service_api_keys"),
     ({"python_env_flavour": "rocm"}, "python_env_flavour"),
+    ({"nvidia_driver_branch": "latest"}, "nvidia_driver_branch"),
+    ({"base_sshd_permit_root_login": "yes"}, "base_sshd_permit_root_login"),
 ]
 
 

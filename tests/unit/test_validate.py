@@ -1,0 +1,63 @@
+"""playbooks/validate.yml fails before any change, naming the variable, for each kind of bad inventory.
+
+It makes no connection to the nodes, so it runs here against inventories of unreachable documentation
+addresses (192.0.2.0/24): a check that tried to reach a node would fail the good case.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+GOOD = {
+    "ansible_host": "192.0.2.1",
+    "sdnode_accelerator": "nvidia",
+    "model_cache_source": "hub",
+    "model_cache_hub_id": "CompVis/stable-diffusion-v1-4",
+    "model_cache_revision": "133a221b8aa7292a167afc5127cb63fb5005638b",
+}
+BAD = [
+    ({"sdnode_accelerator": "gpu"}, "sdnode_accelerator"),
+    ({"nvidia_driver_branch": "latest"}, "nvidia_driver_branch"),
+    ({"nvidia_driver_branch": "550"}, "nvidia_driver_branch"),
+    ({"model_cache_revision": ""}, "model_cache_revision"),
+    ({"model_cache_revision": "main"}, "model_cache_revision"),
+    ({"sd_service_port_base": 70000}, "sd_service_port_base"),
+    ({"sd_service_api_keys": []}, "sd_service_api_keys"),
+    ({"base_sshd_permit_root_login": "yes"}, "base_sshd_permit_root_login"),
+    ({"base_firewall_allowed_networks": ["10.0.0.0/33"]}, "base_firewall_allowed_networks"),
+    ({"python_env_keep_releases": 1}, "python_env_keep_releases"),
+]
+
+
+def validate(tmp_path: Path, host_vars: dict) -> subprocess.CompletedProcess:
+    inventory = tmp_path / "hosts.yml"
+    hosts = {"all": {"children": {"sdnodes": {"hosts": {"node1": host_vars}}}}}
+    inventory.write_text(yaml.safe_dump(hosts))
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), PATH=f"{bin_dir}:{os.environ['PATH']}")
+    return subprocess.run(
+        [str(bin_dir / "ansible-playbook"), "-i", str(inventory), str(ROOT / "playbooks" / "validate.yml")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+    )
+
+
+def test_a_good_inventory_passes(tmp_path: Path) -> None:
+    proc = validate(tmp_path, GOOD)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+@pytest.mark.parametrize(("bad", "named"), BAD, ids=[f"{n}={v[n]}" for v, n in BAD])
+def test_a_bad_variable_fails_naming_it(tmp_path: Path, bad: dict, named: str) -> None:
+    proc = validate(tmp_path, {**GOOD, **bad})
+    assert proc.returncode != 0, f"validate.yml accepted {bad}"
+    failure = "\n".join(line for line in proc.stdout.splitlines() if "fatal:" in line or "failed:" in line)
+    assert named in failure, proc.stdout[-3000:]
