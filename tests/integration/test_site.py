@@ -54,3 +54,11 @@ def test_tool_paths_resolve() -> None:
     # Guards against a venv missing the console scripts the suite drives.
     for name in ("ansible-playbook", "testnode", "sdserve"):
         assert subprocess.run([tool(name), "--help"], capture_output=True).returncode == 0, name
+
+
+def test_no_api_key_in_the_playbook_output(deployed: Deployment) -> None:
+    keys = [p.read_text().strip() for p in (STATE / "api-keys").glob(f"{deployed.node}.*.key")]
+    assert keys, f"no generated API key kept on the controller under {STATE / 'api-keys'}"
+    for run in (deployed.converge, deployed.idempotence):
+        for key in keys:
+            assert key not in run.output, "an API key leaked into the playbook output"
