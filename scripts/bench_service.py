@@ -284,9 +284,9 @@ def build_sd15_random(out: Path, device: str, dtype) -> Path:
     """The SD 1.x architecture (UNet 860M, VAE, CLIP ViT-L text encoder) with random weights,
     saved in diffusers format so the service loads it the way it loads a real model."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from sdserve.tiny import _tokenizer_files
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from sdserve.tiny import generated_clip_tokenizer, save_sd1_pipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
     with torch.device(device):
@@ -318,9 +318,7 @@ def build_sd15_random(out: Path, device: str, dtype) -> Path:
         ).to(dtype)
         # The tokenizer's vocabulary is generated (no download); the text encoder keeps CLIP's
         # full 49408-token embedding so its size and compute match the real one.
-        with tempfile.TemporaryDirectory() as tmp:
-            vocab, merges = _tokenizer_files(Path(tmp))
-            tokenizer = CLIPTokenizer(vocab=str(vocab), merges=str(merges), model_max_length=77)
+        tokenizer = generated_clip_tokenizer()
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=49408,
@@ -336,27 +334,8 @@ def build_sd15_random(out: Path, device: str, dtype) -> Path:
                 pad_token_id=tokenizer.pad_token_id,
             )
         ).to(dtype)
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        set_alpha_to_one=False,
-        skip_prk_steps=True,
-        steps_offset=1,
-    )
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(out, safe_serialization=True)
-    del pipe, unet, vae, text_encoder
+    save_sd1_pipeline(out, unet, vae, text_encoder, tokenizer)
+    del unet, vae, text_encoder
     if device == "cuda":
         torch.cuda.empty_cache()
     return out
