@@ -56,49 +56,39 @@ class _AcceptNew(paramiko.MissingHostKeyPolicy):
         )
 
 
-def _client(node: Node, accept_new: Path | None, log: Callable[[str], None]) -> paramiko.SSHClient:
+def _connect(
+    node: Node, accept_new: Path | None, log: Callable[[str], None], **credentials: str
+) -> paramiko.SSHClient:
+    """A connection made with exactly the given credentials: no agent, no other keys."""
     client = host_key_client(node.known_hosts)
     if accept_new is not None:
         client.set_missing_host_key_policy(_AcceptNew(accept_new, log))
+    client.connect(
+        node.address,
+        port=node.port,
+        username=node.user,
+        look_for_keys=False,
+        allow_agent=False,
+        timeout=CONNECT_TIMEOUT_S,
+        banner_timeout=CONNECT_TIMEOUT_S,
+        auth_timeout=CONNECT_TIMEOUT_S,
+        **credentials,
+    )
     return client
 
 
 def password_client(
     node: Node, password: str, accept_new: Path | None = None, log: Callable[[str], None] = print
 ) -> paramiko.SSHClient:
-    """A connection made with the password only: no keys, no agent."""
-    client = _client(node, accept_new, log)
-    client.connect(
-        node.address,
-        port=node.port,
-        username=node.user,
-        password=password,
-        look_for_keys=False,
-        allow_agent=False,
-        timeout=CONNECT_TIMEOUT_S,
-        banner_timeout=CONNECT_TIMEOUT_S,
-        auth_timeout=CONNECT_TIMEOUT_S,
-    )
-    return client
+    """A connection made with the password only."""
+    return _connect(node, accept_new, log, password=password)
 
 
 def key_client(
     node: Node, private_key: Path, accept_new: Path | None = None, log: Callable[[str], None] = print
 ) -> paramiko.SSHClient:
-    """A connection made with `private_key` only: no password, no agent, no other keys."""
-    client = _client(node, accept_new, log)
-    client.connect(
-        node.address,
-        port=node.port,
-        username=node.user,
-        key_filename=str(private_key),
-        look_for_keys=False,
-        allow_agent=False,
-        timeout=CONNECT_TIMEOUT_S,
-        banner_timeout=CONNECT_TIMEOUT_S,
-        auth_timeout=CONNECT_TIMEOUT_S,
-    )
-    return client
+    """A connection made with `private_key` only: no password."""
+    return _connect(node, accept_new, log, key_filename=str(private_key))
 
 
 def execute(
