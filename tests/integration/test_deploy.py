@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, STATE, Deployment, ansible_playbook, assert_converged
+from .conftest import REPO, STATE, Deployment, ansible_playbook, assert_converged, make_target
 
 pytestmark = pytest.mark.integration
 
@@ -99,7 +99,7 @@ def test_second_release_rollback_and_forward(deployed: Deployment, testnodes, or
     assert new != original and previous == original, (new, previous)
     assert ready(testnodes, node) and manifest_release(testnodes, node) == new.split("/")[1]
 
-    back = ansible_playbook("rollback.yml", inv, label="rollback")
+    back = make_target("rollback", inv, label="rollback")  # as the README shows it
     assert_converged(back)
     assert links(testnodes, node) == (original, new)
     assert ready(testnodes, node) and manifest_release(testnodes, node) == original.split("/")[1]

@@ -5,7 +5,16 @@ import subprocess
 import pytest
 from PIL import Image
 
-from .conftest import REPO, STATE, Deployment, ansible_playbook, assert_converged, assert_idempotent, tool
+from .conftest import (
+    REPO,
+    STATE,
+    Deployment,
+    ansible_playbook,
+    assert_converged,
+    assert_idempotent,
+    make_target,
+    tool,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -41,7 +50,7 @@ def test_verify_suite_passes_against_the_node(deployed: Deployment) -> None:
 
 
 def test_smoke_fetches_a_png_of_the_requested_size(deployed: Deployment) -> None:
-    run = ansible_playbook("smoke.yml", deployed.inventory, label="smoke")
+    run = make_target("smoke", deployed.inventory, label="smoke")
     assert_converged(run)
     images = sorted((STATE / "smoke").glob(f"{deployed.node}-*.png"))
     assert images, f"no smoke image fetched under {STATE / 'smoke'}"
