@@ -183,6 +183,8 @@ def test_model_from_a_url_is_checked_against_its_sha256(
     )
     assert wrong.rc != 0 and "checksum" in wrong.output.lower(), wrong.explain()
     assert node_sh(testnodes, node, "readlink /var/lib/sdserve/models/current") == before
+    leftovers = node_sh(testnodes, node, "ls -A /var/lib/sdserve/models | grep -F .staging || true")
+    assert leftovers == "", f"the failed fetch left {leftovers!r} behind"
     assert ready(testnodes, node)
 
     run = ansible_playbook(
