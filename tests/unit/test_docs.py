@@ -1,12 +1,14 @@
-"""The README stays true: its variables reference matches the roles' argument specs, and every
-make target it names exists."""
+"""The README stays true: its variables reference matches the roles' argument specs, every make
+target it names exists, and every sdnode line it shows parses."""
 
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import yaml
+from sdnode.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,3 +34,15 @@ def test_make_targets_named_in_the_readme_exist() -> None:
     named = set(re.findall(r"`make ([a-z][a-z-]*)", readme))
     assert named, "the README names no make target"
     assert named <= defined, f"README names undefined targets: {sorted(named - defined)}"
+
+
+def test_sdnode_lines_in_the_readme_parse() -> None:
+    """Every `.venv/bin/sdnode ...` line the README shows is accepted by the command line as written."""
+    lines = [
+        line.split("#")[0].strip()
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if line.strip().startswith(".venv/bin/sdnode ")
+    ]
+    assert len(lines) >= 5, lines
+    for line in lines:
+        build_parser().parse_args(shlex.split(line)[1:])  # argparse exits (fails the test) on a bad line
