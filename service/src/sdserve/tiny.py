@@ -59,6 +59,22 @@ def generated_clip_tokenizer(**kwargs):
         return CLIPTokenizer(vocab=str(vocab), merges=str(merges), model_max_length=77, **kwargs)
 
 
+def _tiny_text_config(tokenizer) -> dict:
+    """A 2-layer CLIP text encoder of width 32 over the generated tokenizer."""
+    return dict(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=77,
+        projection_dim=32,
+    )
+
+
 def save_sd1_pipeline(out: Path, unet, vae, text_encoder, tokenizer) -> Path:
     """Assemble SD 1.x components into a StableDiffusionPipeline with the scheduler config of SD 1.x
     checkpoints (the service builds its own scheduler per call from it) and save it in diffusers format."""
@@ -124,20 +140,7 @@ def make_tiny_model(directory: str | Path, seed: int = 0, kind: str = "sd") -> P
         sample_size=64,
     )
     tokenizer = generated_clip_tokenizer()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=77,
-            projection_dim=32,
-        )
-    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**_tiny_text_config(tokenizer)))
     return save_sd1_pipeline(out, unet, vae, text_encoder, tokenizer)
 
 
@@ -155,18 +158,7 @@ def _make_tiny_sdxl(out: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     tokenizer = generated_clip_tokenizer()
     tokenizer_2 = generated_clip_tokenizer(pad_token="!")
-    text_config = dict(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=77,
-        projection_dim=32,
-    )
+    text_config = _tiny_text_config(tokenizer)
     unet = UNet2DConditionModel(
         sample_size=8,
         block_out_channels=(32, 64),
