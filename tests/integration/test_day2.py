@@ -97,15 +97,20 @@ def test_status_shows_the_node_ready(serving: Serving, state: Path) -> None:
     assert serving.node in table.stdout and "1/1 node healthy" in table.stdout
 
 
-def test_status_fails_when_an_instance_does_not_answer(serving: Serving, state: Path, tmp_path: Path) -> None:
-    """Same node, the inventory naming another port: the unit is active but nothing answers there."""
+def node_hostvars(serving: Serving) -> dict:
+    """The serving node's variables as Ansible resolves them, to write variant inventories from."""
     listing = subprocess.run(
         [tool("ansible-inventory"), "-i", str(serving.inventory), "--host", serving.node],
         capture_output=True,
         text=True,
         check=True,
     )
-    hostvars = json.loads(listing.stdout)
+    return json.loads(listing.stdout)
+
+
+def test_status_fails_when_an_instance_does_not_answer(serving: Serving, state: Path, tmp_path: Path) -> None:
+    """Same node, the inventory naming another port: the unit is active but nothing answers there."""
+    hostvars = node_hostvars(serving)
     hostvars["sd_service_port_base"] = 7990
     shifted = tmp_path / "shifted.yml"
     shifted.write_text(
@@ -172,13 +177,7 @@ def test_diff_manifests_live_and_against_a_changed_copy(
     assert one.returncode == 0 and "nothing to compare" in one.stdout, explain(one)
 
     # The node twice under two names (same address): two live fetches of one manifest are identical.
-    listing = subprocess.run(
-        [tool("ansible-inventory"), "-i", str(serving.inventory), "--host", serving.node],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    hostvars = json.loads(listing.stdout)
+    hostvars = node_hostvars(serving)
     twin = f"{serving.node}-twin"
     pair = tmp_path / "pair.yml"
     pair.write_text(
