@@ -287,3 +287,45 @@ def test_cancel_during_the_wait_window_keeps_the_worker_alive(engine):
     a, b = e.submit(P, "a", "", [2]), e.submit(P, "b", "", [3])
     assert len(a.future.result(60)) == 1 and len(b.future.result(60)) == 1
     assert calls == [2] and e.state == "ready"
+
+
+def test_rejoin_window_keeps_closed_loop_clients_in_full_batches(engine):
+    """After a batch of three requests, the next request waits for two more to come back,
+    so clients that resubmit as soon as they are answered keep forming batches of three."""
+    gate = Gate()
+    e = engine(gate=gate, batch_rejoin_ms=10_000)
+    blocker = e.submit(P, "x", "", [0])
+    gate.entered.wait(30)
+    first = [e.submit(P, f"c{i}", "", [i]) for i in range(3)]
+    gate.open()
+    for r in (blocker, *first):
+        r.future.result(60)
+    back = e.submit(P, "c0", "", [10])
+    wait_until(lambda: e.phase == "gathering", what="the worker waiting for the others to come back")
+    assert gate.calls == [1, 3]
+    rest = [e.submit(P, f"c{i}", "", [10 + i]) for i in (1, 2)]
+    for r in (back, *rest):
+        r.future.result(60)
+    assert gate.calls == [1, 3, 3]
+
+
+def test_rejoin_window_never_delays_a_lone_client_or_other_parameters(engine):
+    """A huge window, yet: one client's sequential requests start at once (its last batch
+    held one request), and so does a request unlike the last batch."""
+    calls = []
+    e = engine(batch_rejoin_ms=10_000)
+    e.before_pipeline_call = calls.append
+    for i in range(3):
+        assert e.submit(P, "solo", "", [i]).future.result(5)
+    assert calls == [1, 1, 1]
+    gate = Gate()
+    e.before_pipeline_call = gate
+    blocker = e.submit(P, "x", "", [0])
+    gate.entered.wait(30)
+    pair = [e.submit(P, "a", "", [1]), e.submit(P, "b", "", [2])]
+    gate.open()
+    for r in (blocker, *pair):
+        r.future.result(60)
+    other = GenParams(64, 64, 4, 7.0, resolve("Euler a"))
+    assert e.submit(other, "different steps", "", [3]).future.result(5)
+    assert gate.calls == [1, 2, 1]

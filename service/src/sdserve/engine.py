@@ -4,7 +4,8 @@ Testable without HTTP: `Engine(settings).start()`, then `submit(...)` returns a
 request whose `future` (a concurrent.futures.Future) resolves to PIL images.
 
 Batching: when the worker is idle, the oldest request starts at once (optionally
-after `batch_wait_ms`); every queued request that agrees on size, steps, guidance,
+after `batch_wait_ms`; or, right after a batch of several requests, once as many are back
+or `batch_rejoin_ms` has passed); every queued request that agrees on size, steps, guidance,
 scheduler and whether it has a negative prompt joins it, up to `max_batch` images.
 Each image has its own torch.Generator seeded with its own seed, so an image does
 not depend on its batch-mates.
@@ -144,6 +145,8 @@ class Engine:
         self.before_pipeline_call: Callable[[int], None] | None = None
         self.current: dict[str, Any] = {}
         self.phase = "starting"  # worker: idle, gathering (batch wait window), running
+        # (params, requests, monotonic end) of the last batch, for the rejoin window.
+        self._last_batch: tuple[GenParams, int, float] | None = None
 
     # lifecycle ----------------------------------------------------------------
     def start(self) -> Engine:
@@ -301,13 +304,14 @@ class Engine:
                     self._cond.wait()
                 if not self._queue:
                     return  # stopping, nothing left
-                if self.settings.batch_wait_ms > 0:
+                window = self._gather_window()
+                if window:
+                    deadline, want_requests = window
                     self.phase = "gathering"
-                    deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
                     while (
                         self._queue  # a cancel may empty it while we wait
-                        and self._compatible_images() < self.settings.max_batch
                         and not self._stop
+                        and not self._enough_company(want_requests)
                     ):
                         left = deadline - time.monotonic()
                         if left <= 0:
@@ -320,10 +324,34 @@ class Engine:
                 self.metrics.queue_depth.set(len(self._queue))
             if items:
                 self._run(items)
+                requests = len({id(r) for r, _ in items})
+                self._last_batch = (items[0][0].params, requests, time.monotonic())
 
-    def _compatible_images(self) -> int:
+    def _gather_window(self) -> tuple[float, int | None] | None:
+        """When to stop waiting for batch-mates, and how many requests are enough (None: a full
+        batch). None: start at once. Called with the lock held and the queue not empty."""
+        now = time.monotonic()
+        if self.settings.batch_wait_ms > 0:
+            return now + self.settings.batch_wait_ms / 1000, None
+        # Rejoin: clients answered by a batch of several requests come back within milliseconds
+        # (PNG, HTTP). Starting on the first one back splits closed-loop load into a batch of 1
+        # and one of the rest; waiting briefly for as many as last time keeps batches full.
+        # A request after a lone one, after idle or with other parameters never waits.
+        last = self._last_batch
+        if last is None or self.settings.batch_rejoin_ms <= 0:
+            return None
+        params, requests, ended = last
+        deadline = ended + self.settings.batch_rejoin_ms / 1000
+        if requests < 2 or params != self._queue[0].params or deadline <= now:
+            return None
+        return deadline, requests
+
+    def _enough_company(self, want_requests: int | None) -> bool:
         head = self._queue[0].params
-        return sum(r.n - r.taken for r in self._queue if r.params == head)
+        mates = [r for r in self._queue if r.params == head]
+        if sum(r.n - r.taken for r in mates) >= self.settings.max_batch:
+            return True
+        return want_requests is not None and len(mates) >= want_requests
 
     def _take_batch(self) -> list[tuple[GenRequest, int]]:
         head = self._queue[0].params

@@ -120,7 +120,8 @@ def load_pipeline(settings: Settings) -> LoadedModel:
         # torch 2 uses SDPA by default (AttnProcessor2_0); channels_last speeds up the convolutions.
         pipe.unet.to(memory_format=torch.channels_last)
         if settings.compile:
-            pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs", fullgraph=False)
+            # No CUDA graphs: batch sizes vary, and graphs would be recorded per shape.
+            pipe.unet = torch.compile(pipe.unet, mode=settings.compile_mode, fullgraph=False)
     scale = getattr(pipe, "vae_scale_factor", 8)
     sample = pipe.unet.config.sample_size
     sample = sample if isinstance(sample, int) else sample[0]

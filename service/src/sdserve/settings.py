@@ -47,6 +47,11 @@ class Settings(BaseSettings):
     compile: bool = Field(
         False, description="torch.compile the UNet (CUDA only); warm-up compiles every WARMUP_SIZES entry."
     )
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs"] = Field(
+        "default",
+        description="torch.compile mode: default compiles in about a minute; max-autotune-no-cudagraphs "
+        "benchmarks kernels for each shape (many minutes per size, sometimes faster).",
+    )
     warmup_sizes: str = Field(
         "", description='Comma-separated "WxH" sizes to warm up; empty: the model\'s native size.'
     )
@@ -86,6 +91,16 @@ class Settings(BaseSettings):
         ge=0,
         le=10_000,
         description="Wait this long for batch-mates before starting a batch; 0: start at once.",
+    )
+    batch_rejoin_ms: float = Field(
+        100,
+        ge=0,
+        le=10_000,
+        description=(
+            "Right after a batch of several requests, wait up to this long for as many to come back "
+            "before starting the next (keeps closed-loop clients in full batches); a lone request "
+            "after idle never waits. 0: off."
+        ),
     )
     request_timeout_s: float = Field(
         300, gt=0, description="A synchronous request waiting longer answers 504."
