@@ -19,7 +19,7 @@ export PIP_CACHE_DIR    ?= /var/cache/sdnode/pip
 CONTROLLER_LOCKS := service/requirements/cpu-py311.txt ansible/requirements.txt
 SETUP_STAMP      := $(VENV)/.sdnode-setup
 
-.PHONY: help setup host-setup lint test test-fast unit integration demo demo-clean deploy smoke verify rollback lock
+.PHONY: help setup host-setup lint test test-fast unit integration demo demo-clean deploy smoke verify rollback lock gpu-bundle
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -78,3 +78,6 @@ rollback: setup ## go back one release on every node of INVENTORY
 
 lock: setup ## regenerate the pinned, hash-checked locks
 	$(BIN)/python scripts/lock_requirements.py
+
+gpu-bundle: setup ## hash-checked wheels for scripts/gpu_checks.sh on an offline GPU machine (.gpu-bundle/)
+	$(BIN)/python scripts/gpu_bundle.py

@@ -18,15 +18,8 @@ GPU mode (needs a CUDA device; the default when one is present):
   Kept under 8 minutes including warm-up; `--compile` compiles one size (512x512) only.
 
   On a bare machine with only Python and a CUDA build of torch (no network), carry the other
-  wheels: on a connected machine with the same Python version,
-      pip download --no-deps --only-binary=:all: -d wheels \\
-          $(grep -oE '^[A-Za-z0-9_.-]+==[^ ;]+' service/requirements/cuda-py311.txt \\
-            | grep -vE '^(torch|triton|nvidia-|cuda-)')
-      pip wheel --no-deps -w wheels ./service
-  copy wheels/ and scripts/bench_service.py over, then
-      python -m venv --system-site-packages venv      # reuses the machine's CUDA torch
-      venv/bin/pip install --no-index --no-deps wheels/*.whl
-      venv/bin/python bench_service.py --mode gpu --out bench-gpu.json
+  wheels: `make gpu-bundle` here, then `bash scripts/gpu_checks.sh .gpu-bundle OUT` there runs this
+  benchmark with the other GPU checks (docs/benchmarks.md).
 
 Usage:
   .venv/bin/python scripts/bench_service.py                      # auto: gpu if CUDA, else cpu
@@ -368,12 +361,14 @@ def run_gpu(args, workdir: Path) -> dict:
     dtype = torch.float16 if device == "cuda" else torch.float32
     w, h = (int(x) for x in args.size.split("x"))
     t0 = time.perf_counter()
-    model = Path(args.model) if args.model else build_sd15_random(workdir / "sd15-random", device, dtype)
+    model = Path(args.model) if args.model else workdir / "sd15-random"
+    if not (model / "model_index.json").is_file():  # a named dir is kept for the next run
+        build_sd15_random(model, device, dtype)
     log(f"gpu: model ready in {time.perf_counter() - t0:.0f}s: {model}")
 
     # The original design's plain usage: one pipeline, the checkpoint's PNDM, one request at a time.
     pipe = StableDiffusionPipeline.from_pretrained(
-        model, torch_dtype=dtype, safety_checker=None, local_files_only=True
+        model, dtype=dtype, safety_checker=None, local_files_only=True
     ).to(device)
     pipe.set_progress_bar_config(disable=True)
 
@@ -477,7 +472,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=["auto", "cpu", "gpu"], default="auto")
     ap.add_argument(
-        "--model", help="a diffusers model dir; default: cpu the tiny model, gpu SD 1.x with random weights"
+        "--model",
+        help="a diffusers model dir; default: cpu the tiny model, gpu SD 1.x with random weights "
+        "(gpu: built into --model DIR when DIR holds no model yet, and kept there)",
     )
     ap.add_argument("--size", help="WxH; default cpu 128x128, gpu 512x512")
     ap.add_argument("--steps", type=int, help="default cpu 20, gpu 50")

@@ -1,6 +1,7 @@
 """testinfra suite for deployed nodes, real or throwaway.
 
     pytest tests/node --hosts=ansible://sdnodes --ansible-inventory=INVENTORY
+    pytest tests/node --hosts=local:// --node-vars vars.yml     # on the node itself
 
 What a node is expected to have comes from the same inventory the playbooks used
 (`host.ansible.get_variables()` plus the roles' defaults), so the checks follow the node's declaration:
@@ -25,9 +26,21 @@ def role_defaults(role: str) -> dict:
     return yaml.safe_load(path.read_text()) or {} if path.exists() else {}
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--node-vars",
+        metavar="YAML",
+        help="the node's variables from a YAML file instead of the Ansible inventory, for a run on the "
+        "node itself without a controller: pytest tests/node --hosts=local:// --node-vars vars.yml",
+    )
+
+
 @pytest.fixture(scope="module")
-def node_vars(host) -> dict:
+def node_vars(host, request) -> dict:
     """Inventory variables of the host under test (host_vars, group_vars), as Ansible sees them."""
+    path = request.config.getoption("--node-vars")
+    if path:
+        return yaml.safe_load(Path(path).read_text()) or {}
     return host.ansible.get_variables()
 
 
