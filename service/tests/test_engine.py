@@ -329,3 +329,15 @@ def test_rejoin_window_never_delays_a_lone_client_or_other_parameters(engine):
     other = GenParams(64, 64, 4, 7.0, resolve("Euler a"))
     assert e.submit(other, "different steps", "", [3]).future.result(5)
     assert gate.calls == [1, 2, 1]
+
+
+def test_vae_slicing_only_when_the_batch_would_not_fit() -> None:
+    from sdserve.engine import vae_slicing_needed
+
+    gib = 1 << 30
+    # A large GPU decodes a batch of 8 at 512x512 in one go; a 24 GB card with 10 GiB free slices.
+    assert not vae_slicing_needed("cuda", 8, 512, 512, 130 * gib)
+    assert vae_slicing_needed("cuda", 8, 512, 512, 10 * gib)
+    assert not vae_slicing_needed("cuda", 1, 1024, 1024, 1 * gib)  # one image: nothing to slice
+    # CPU: slicing above 4 images bounds peak memory, as before.
+    assert vae_slicing_needed("cpu", 5, 64, 64, 0) and not vae_slicing_needed("cpu", 4, 64, 64, 0)
