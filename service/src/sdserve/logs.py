@@ -13,6 +13,19 @@ request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", d
 _STD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "color_message"}
 
 
+def _not_a_torchvision_notice(record: logging.LogRecord) -> bool:
+    # transformers warns at every start that its image processors fall back to PIL without
+    # torchvision; the service needs neither (no safety checker by default), so it is noise.
+    return "requires torchvision (not installed)" not in str(record.msg)
+
+
+def quiet_library_notices() -> None:
+    """Before transformers is imported: drop its start-up notices that ask nothing of an operator."""
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if _not_a_torchvision_notice not in logger.filters:
+        logger.addFilter(_not_a_torchvision_notice)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {

@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .logs import quiet_library_notices
+
 
 def default_cache_dir() -> Path:
     """systemd's CacheDirectory= if set, else a per-user dir under the temp dir; never $HOME
@@ -203,3 +205,4 @@ def point_caches_at(cache_dir: Path) -> None:
         os.environ[name] = "1"
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_library_notices()
