@@ -90,11 +90,17 @@ def original(deployed: Deployment, testnodes) -> str:
 
 def test_second_release_rollback_and_forward(deployed: Deployment, testnodes, original: str) -> None:
     node, inv = deployed.node, deployed.inventory
+    wheelhouses = "ls /var/cache/sdnode/wheelhouse"
+    live_wheelhouse = node_sh(testnodes, node, wheelhouses).split()
+    assert len(live_wheelhouse) == 1, live_wheelhouse
+    # What an older lock would have left: a building release removes it.
+    node_sh(testnodes, node, "mkdir -p /var/cache/sdnode/wheelhouse/cpu-py311-0123456789ab")
     src = service_variant("good", GOOD)
     run = ansible_playbook(
         "deploy.yml", inv, extra_vars={"python_env_service_src": str(src)}, label="deploy-variant"
     )
     assert_converged(run)
+    assert node_sh(testnodes, node, wheelhouses).split() == live_wheelhouse
     new, previous = links(testnodes, node)
     assert new != original and previous == original, (new, previous)
     assert ready(testnodes, node) and manifest_release(testnodes, node) == new.split("/")[1]
