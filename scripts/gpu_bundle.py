@@ -14,6 +14,7 @@ controller lock for the gpu_runtime tier, and a wheel of sdserve itself.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import subprocess
@@ -73,7 +74,13 @@ def main() -> int:
     download += ["--python-version", args.python, "--implementation", "cp"]
     download += [arg for p in PLATFORMS for arg in ("--platform", p)]
     subprocess.run([*download, "-d", str(wheels), "-r", str(requirements)], check=True)
-    subprocess.run([*pip, "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT / "service")], check=True)
+    # The service wheel exactly as the python_env role builds it for a node.
+    built = subprocess.run(
+        [sys.executable, str(ROOT / "roles/python_env/files/build_service_wheel.py"), str(ROOT / "service"),
+         str(args.out / "build")],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    shutil.copy(json.loads(built.stdout)["path"], wheels)
 
     size = sum(f.stat().st_size for f in wheels.iterdir())
     count = len(list(wheels.iterdir()))

@@ -24,14 +24,31 @@ def content_digest(wheel: Path) -> str:
     return h.hexdigest()
 
 
+def source_files(src: Path) -> list[Path]:
+    """What goes into the wheel, sorted: pyproject, README and the package sources."""
+    files = [src / "pyproject.toml", src / "README.md", *(src / "src").rglob("*")]
+    kept = (f for f in files if f.is_file() and "__pycache__" not in f.parts and ".egg-info" not in str(f))
+    return sorted(kept)
+
+
 def source_digest(src: Path) -> str:
     """Digest of what goes into the wheel: an unchanged tree reuses the wheel built from it."""
     h = hashlib.sha256()
-    files = [src / "pyproject.toml", src / "README.md", *(src / "src").rglob("*")]
-    kept = (f for f in files if f.is_file() and "__pycache__" not in f.parts and ".egg-info" not in str(f))
-    for p in sorted(kept):
+    for p in source_files(src):
         h.update(p.relative_to(src).as_posix().encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
     return h.hexdigest()
+
+
+def local_backend_ok() -> bool:
+    """The controller's own setuptools (from the hash-checked lock) builds the wheel when it is
+    new enough: no download of a build backend, so the build works offline and is the same on
+    every controller. Otherwise pip fetches one into an isolated build environment."""
+    try:
+        from importlib.metadata import version
+
+        return int(version("setuptools").split(".")[0]) >= 77
+    except Exception:  # not installed, or an odd version string
+        return False
 
 
 def main() -> int:
@@ -46,9 +63,18 @@ def main() -> int:
             print(json.dumps(cached))
             return 0
     env = dict(os.environ, SOURCE_DATE_EPOCH="315532800", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet"]
+    if local_backend_ok():
+        build.append("--no-build-isolation")
     with tempfile.TemporaryDirectory() as tmp:
+        # Built from a clean copy of exactly what the source digest covers: no build/ or
+        # egg-info left in the tree, and none of theirs (stale modules) in the wheel.
+        clean = Path(tmp) / "src"
+        for f in source_files(src):
+            (clean / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, clean / f.relative_to(src))
         subprocess.run(
-            [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--wheel-dir", tmp, str(src)],
+            [*build, "--wheel-dir", tmp, str(clean)],
             check=True,
             env=env,
             stdout=sys.stderr,
