@@ -204,6 +204,63 @@ def test_model_from_a_url_is_checked_against_its_sha256(
     assert manifest["model"]["revision"] == f"sha256:{sha}" and manifest["model"]["path"] == now
 
 
+HUB_REPO = "sdnode/tiny-sd"
+HUB_COMMIT = "5b2c1e0a9d8f7e6d5c4b3a29180f7e6d5c4b3a21"
+HUB_TOKEN = "hf_standinTokenNeverLogged7f3a"
+
+
+@pytest.fixture
+def hub_standin():
+    """The tiny model served as a gated Hub repository at one commit (the real Hub cannot be
+    reached here; see hubstandin.py), on the host's bridge address the node reaches."""
+    from .hubstandin import HubStandIn
+
+    with HubStandIn(STATE / "models" / "tiny", HUB_REPO, HUB_COMMIT, token=HUB_TOKEN) as hub:
+        yield hub
+
+
+def test_model_from_the_hub_through_a_configured_endpoint(
+    deployed: Deployment, testnodes, original: str, hub_standin
+) -> None:
+    """The hub source end to end with the real huggingface_hub client on the node: a wrong token
+    fails with the Hub's 401 and changes nothing; the right one fetches the pinned commit's
+    allowed files, and neither token ever appears in the output."""
+    node, inv = deployed.node, deployed.inventory
+    before = node_sh(testnodes, node, "readlink /var/lib/sdserve/models/current")
+    common = {
+        "model_cache_source": "hub",
+        "model_cache_hub_id": HUB_REPO,
+        "model_cache_revision": HUB_COMMIT[:12],  # a short commit resolves to the full one
+        "model_cache_hub_endpoint": f"http://10.213.0.1:{hub_standin.port}/",
+        "model_cache_poll_interval": 1,
+    }
+    wrong_token = "hf_wrongTokenAlsoNeverLogged"
+    wrong = ansible_playbook(
+        "deploy.yml", inv, extra_vars={**common, "model_cache_hf_token": wrong_token}, label="hub-bad-token"
+    )
+    assert wrong.rc != 0 and "401" in wrong.output, wrong.explain()
+    assert wrong_token not in wrong.output
+    assert node_sh(testnodes, node, "readlink /var/lib/sdserve/models/current") == before
+    leftovers = node_sh(testnodes, node, "ls -A /var/lib/sdserve/models | grep -F .staging || true")
+    assert leftovers == "", f"the failed fetch left {leftovers!r} behind"
+    assert ready(testnodes, node)
+
+    run = ansible_playbook(
+        "deploy.yml", inv, extra_vars={**common, "model_cache_hf_token": HUB_TOKEN}, label="hub-model"
+    )
+    assert_converged(run)
+    assert HUB_TOKEN not in run.output
+    now = node_sh(testnodes, node, "readlink /var/lib/sdserve/models/current")
+    assert now.endswith(f"/sdnode--tiny-sd-{HUB_COMMIT[:12]}"), now
+    fetched = [r.split("/resolve/", 1)[1] for r in hub_standin.requests if r.startswith("GET /sdnode/")]
+    assert f"{HUB_COMMIT}/model_index.json" in fetched and f"{HUB_COMMIT}/unet/config.json" in fetched
+    assert ready(testnodes, node)
+    manifest = json.loads(node_sh(testnodes, node, "cat /etc/sdserve/manifest.json"))
+    assert manifest["model"]["path"] == now and manifest["model"]["id"] == HUB_REPO
+    assert manifest["model"]["revision"] == HUB_COMMIT[:12]
+    assert HUB_TOKEN not in node_sh(testnodes, node, "journalctl --no-pager -q -o cat | tail -n 3000")
+
+
 BAD_VARIABLES = [
     (
         {"model_cache_source": "hub", "model_cache_hub_id": "org/model", "model_cache_revision": ""},
