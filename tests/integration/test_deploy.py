@@ -210,12 +210,26 @@ HUB_TOKEN = "hf_standinTokenNeverLogged7f3a"
 
 
 @pytest.fixture
-def hub_standin():
+def hub_standin(tmp_path):
     """The tiny model served as a gated Hub repository at one commit (the real Hub cannot be
-    reached here; see hubstandin.py), on the host's bridge address the node reaches."""
+    reached here; see hubstandin.py), on the host's bridge address the node reaches. Laid out as
+    SD 1.x repositories are: the UNet also as fp16 and non-EMA weights, and a safety checker that
+    model_index.json lists."""
     from .hubstandin import HubStandIn
 
-    with HubStandIn(STATE / "models" / "tiny", HUB_REPO, HUB_COMMIT, token=HUB_TOKEN) as hub:
+    repo = tmp_path / "repo"
+    shutil.copytree(STATE / "models" / "tiny", repo)
+    unet = repo / "unet" / "diffusion_pytorch_model.safetensors"
+    shutil.copy(unet, unet.with_name("diffusion_pytorch_model.fp16.safetensors"))
+    shutil.copy(unet, unet.with_name("diffusion_pytorch_model.non_ema.safetensors"))
+    (repo / "safety_checker").mkdir()
+    (repo / "safety_checker" / "config.json").write_text("{}")
+    (repo / "safety_checker" / "model.safetensors").write_bytes(b"never fetched" * 1000)
+    index = json.loads((repo / "model_index.json").read_text())
+    index["safety_checker"] = ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+    (repo / "model_index.json").write_text(json.dumps(index, indent=2))
+    with HubStandIn(repo, HUB_REPO, HUB_COMMIT, token=HUB_TOKEN) as hub:
         yield hub
 
 
@@ -224,7 +238,8 @@ def test_model_from_the_hub_through_a_configured_endpoint(
 ) -> None:
     """The hub source end to end with the real huggingface_hub client on the node: a wrong token
     fails with the Hub's 401 and changes nothing; the right one fetches the pinned commit's
-    allowed files, and neither token ever appears in the output."""
+    files, one set of weights per component (here the fp16 variant, as on a GPU node) and no
+    safety checker, and the service serves from them. Neither token ever appears in the output."""
     node, inv = deployed.node, deployed.inventory
     before = node_sh(testnodes, node, "readlink /var/lib/sdserve/models/current")
     common = {
@@ -233,6 +248,7 @@ def test_model_from_the_hub_through_a_configured_endpoint(
         "model_cache_revision": HUB_COMMIT[:12],  # a short commit resolves to the full one
         "model_cache_hub_endpoint": f"http://10.213.0.1:{hub_standin.port}/",
         "model_cache_poll_interval": 1,
+        "model_cache_variant": "fp16",
     }
     wrong_token = "hf_wrongTokenAlsoNeverLogged"
     wrong = ansible_playbook(
@@ -252,8 +268,21 @@ def test_model_from_the_hub_through_a_configured_endpoint(
     assert HUB_TOKEN not in run.output
     now = node_sh(testnodes, node, "readlink /var/lib/sdserve/models/current")
     assert now.endswith(f"/sdnode--tiny-sd-{HUB_COMMIT[:12]}"), now
-    fetched = [r.split("/resolve/", 1)[1] for r in hub_standin.requests if r.startswith("GET /sdnode/")]
-    assert f"{HUB_COMMIT}/model_index.json" in fetched and f"{HUB_COMMIT}/unet/config.json" in fetched
+    fetched = {
+        r.split(f"/resolve/{HUB_COMMIT}/", 1)[1] for r in hub_standin.requests if r.startswith("GET /sdnode/")
+    }
+    assert {
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+    } <= fetched
+    assert not {f for f in fetched if "non_ema" in f or f.startswith("safety_checker/")}, fetched
+    on_node = node_sh(testnodes, node, f"cd {now} && find . -name '*.safetensors' | sort").split()
+    assert on_node == [
+        "./text_encoder/model.safetensors",
+        "./unet/diffusion_pytorch_model.fp16.safetensors",
+        "./vae/diffusion_pytorch_model.safetensors",
+    ]
     assert ready(testnodes, node)
     manifest = json.loads(node_sh(testnodes, node, "cat /etc/sdserve/manifest.json"))
     assert manifest["model"]["path"] == now and manifest["model"]["id"] == HUB_REPO

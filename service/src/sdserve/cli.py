@@ -63,11 +63,11 @@ def cmd_serve(args: argparse.Namespace, names: list[str]) -> int:
     from .app import StartupRefused, create_app
     from .keys import KeyFileError
     from .logs import setup_logging
-    from .model import ModelError, check_model_dir
+    from .model import ModelError, check_model_dir, optional_components
 
     settings = _load_settings(args, names)
     try:
-        check_model_dir(settings.model)
+        check_model_dir(settings.model, optional_components(settings))
         app = create_app(settings)  # points the caches and forces offline mode before any HF import
     except (ModelError, StartupRefused, KeyFileError) as e:
         print(f"sdserve: {e}", file=sys.stderr)
@@ -173,12 +173,12 @@ def cmd_hash_key(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace, names: list[str]) -> int:
     settings = _load_settings(args, names)
     point_caches_at(settings.cache_dir)
-    from .model import ModelError, check_model_dir, environment_info
+    from .model import ModelError, check_model_dir, environment_info, optional_components
 
     info = environment_info()
     if settings.model is not None:
         try:
-            index = check_model_dir(settings.model)
+            index = check_model_dir(settings.model, optional_components(settings))
             info["model"] = {
                 "path": str(settings.model.resolve()),
                 "id": settings.model_id or settings.model.resolve().name,

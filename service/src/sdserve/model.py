@@ -53,7 +53,12 @@ def resolve_dtype(setting: str, device: str):
     return getattr(torch, setting)
 
 
-def check_model_dir(path: Path | None) -> dict:
+def optional_components(settings: Settings) -> tuple[str, ...]:
+    """Components the pipeline runs without: with the safety checker off, a model cache may skip it."""
+    return () if settings.safety_checker else ("safety_checker", "feature_extractor")
+
+
+def check_model_dir(path: Path | None, optional: tuple[str, ...] = ()) -> dict:
     """Cheap checks before the expensive load, so the common mistakes get a plain message."""
     if path is None:
         raise ModelError("no model: set SDSERVE_MODEL (or --model) to a directory in diffusers format")
@@ -73,14 +78,23 @@ def check_model_dir(path: Path | None) -> dict:
     for component, spec in data.items():
         if component.startswith("_") or not isinstance(spec, list) or spec == [None, None]:
             continue
-        if not (path / component).is_dir():
+        if not (path / component).is_dir() and component not in optional:
             raise ModelError(f"SDSERVE_MODEL={path}: component directory {component}/ is missing")
     return data
 
 
+def weights_variant(model: Path, half: bool) -> bool:
+    """Load the fp16 variant: in half precision when the UNet has it, and in any precision when it
+    is all the UNet has (a model cache that fetched only the variant). diffusers then takes each
+    component's fp16 weights where present and its plain ones elsewhere."""
+    unet = [p.name for p in (model / "unet").glob("*.safetensors")]
+    fp16 = [n for n in unet if ".fp16." in n or ".fp16-" in n]
+    return bool(fp16) and (half or len(fp16) == len(unet))
+
+
 def load_pipeline(settings: Settings) -> LoadedModel:
     point_caches_at(settings.cache_dir)
-    index = check_model_dir(settings.model)
+    index = check_model_dir(settings.model, optional_components(settings))
     import diffusers.utils.logging
     import huggingface_hub.constants
     import torch
@@ -105,11 +119,10 @@ def load_pipeline(settings: Settings) -> LoadedModel:
     if "safety_checker" in index and not settings.safety_checker:
         kwargs.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     if device == "cuda":
-        # Half-precision weights are stored as a variant in many repos; use it when present.
-        if dtype == torch.float16 and any(settings.model.glob("unet/*.fp16.safetensors")):
-            kwargs["variant"] = "fp16"
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    if weights_variant(settings.model, half=dtype == torch.float16):
+        kwargs["variant"] = "fp16"
     try:
         pipe = AutoPipelineForText2Image.from_pretrained(str(settings.model), **kwargs)
     except Exception as e:  # diffusers raises many types; all mean the same to an operator
