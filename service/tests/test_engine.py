@@ -307,6 +307,8 @@ def test_rejoin_window_keeps_closed_loop_clients_in_full_batches(engine):
     for r in (back, *rest):
         r.future.result(60)
     assert gate.calls == [1, 3, 3]
+    waited = e.metrics.registry.get_sample_value("sdserve_batch_gather_seconds_count", {"window": "rejoin"})
+    assert waited == 1  # the operator sees what batching costs in waiting
 
 
 def test_rejoin_window_never_delays_a_lone_client_or_other_parameters(engine):

@@ -331,6 +331,7 @@ class Engine:
                 if window:
                     deadline, want_requests = window
                     self.phase = "gathering"
+                    gather_started = time.monotonic()
                     while (
                         self._queue  # a cancel may empty it while we wait
                         and not self._stop
@@ -340,6 +341,8 @@ class Engine:
                         if left <= 0:
                             break
                         self._cond.wait(left)
+                    kind = "wait" if want_requests is None else "rejoin"
+                    self.metrics.gather_seconds.labels(kind).observe(time.monotonic() - gather_started)
                     if not self._queue:
                         continue
                 items = self._take_batch()

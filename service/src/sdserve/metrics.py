@@ -58,6 +58,13 @@ class Metrics:
             buckets=_SECONDS,
             registry=r,
         )
+        self.gather_seconds = Histogram(
+            "sdserve_batch_gather_seconds",
+            "Time the worker waited for batch-mates (BATCH_WAIT_MS, BATCH_REJOIN_MS) before a batch",
+            ["window"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
         self.generation_seconds = Histogram(
             "sdserve_generation_seconds", "Duration of one pipeline call", buckets=_SECONDS, registry=r
         )
