@@ -8,6 +8,7 @@ import functools
 import hashlib
 import http.server
 import json
+import re
 import shutil
 import tarfile
 import threading
@@ -266,6 +267,8 @@ def test_model_from_the_hub_through_a_configured_endpoint(
     )
     assert_converged(run)
     assert HUB_TOKEN not in run.output
+    # Sized before the download: the space check and the progress reports know the total.
+    assert re.search(r"[0-9.]+ of [0-9.]+ MiB \(\d+ files\) on disk after", run.output), run.explain()
     now = node_sh(testnodes, node, "readlink /var/lib/sdserve/models/current")
     assert now.endswith(f"/sdnode--tiny-sd-{HUB_COMMIT[:12]}"), now
     fetched = {

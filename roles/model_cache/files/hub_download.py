@@ -2,6 +2,7 @@
 """Download a pinned Hub snapshot into a staging directory (node side, run from the release venv).
 
     hub_download.py REPO_ID REVISION DEST [--allow PATTERN]... [--ignore PATTERN]... [--variant fp16]
+                    [--plan]
 
 The files are chosen from the commit's listing before anything is fetched: those the allow patterns
 match and the ignore patterns do not; and in each component directory one set of weights, the
@@ -10,8 +11,9 @@ diffusers loads with `variant="fp16"` (it falls back to plain weights per compon
 typical SD 1.x repository a fifth of what `*/*.safetensors` fetches.
 
 The Hub's address comes from HF_ENDPOINT and the token from HF_TOKEN, never from the command line.
-On success it prints one JSON line: the full commit, the file count and bytes. A failure prints one
-line naming the Hub's error (the token is never in it) and exits 1.
+On success it prints one JSON line: the full commit, the file count and bytes. With `--plan` that
+line is all it does (the role sizes its disk check and progress reports with it). A failure prints
+one line naming the Hub's error (the token is never in it) and exits 1.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ def main() -> int:
     ap.add_argument("--allow", action="append", default=[])
     ap.add_argument("--ignore", action="append", default=[])
     ap.add_argument("--variant", default="")
+    ap.add_argument("--plan", action="store_true", help="list and size the files, download nothing")
     a = ap.parse_args()
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.hf_api import RepoFile
@@ -82,7 +85,8 @@ def main() -> int:
         files = select(sorted(listing), a.allow or ["*"], a.ignore, a.variant)
         if "model_index.json" not in files:
             raise LookupError(f"no model_index.json among the chosen files {files}; a diffusers repository?")
-        snapshot_download(repo_id=a.repo_id, revision=commit, local_dir=a.dest, allow_patterns=files)
+        if not a.plan:
+            snapshot_download(repo_id=a.repo_id, revision=commit, local_dir=a.dest, allow_patterns=files)
     except Exception as e:  # the Hub's errors are many types; the operator needs the message
         message = " ".join(str(e).split())
         print(f"hub_download: {a.repo_id}@{a.revision}: {type(e).__name__}: {message}", file=sys.stderr)
