@@ -73,6 +73,14 @@ def ready(testnodes, node: str) -> bool:
     return testnodes.ssh(node, f'python3 -c "{probe}"', check=False).stdout.strip() == "200"
 
 
+def assert_model_untouched(testnodes, node: str, live_model: str) -> None:
+    """After a failed model fetch: the live model as before, no staging left, still serving."""
+    assert node_sh(testnodes, node, "readlink /var/lib/sdserve/models/current") == live_model
+    leftovers = node_sh(testnodes, node, "ls -A /var/lib/sdserve/models | grep -F .staging || true")
+    assert leftovers == "", f"the failed fetch left {leftovers!r} behind"
+    assert ready(testnodes, node)
+
+
 def manifest_release(testnodes, node: str) -> str:
     return json.loads(node_sh(testnodes, node, "cat /etc/sdserve/manifest.json"))["release_id"]
 
@@ -189,10 +197,7 @@ def test_model_from_a_url_is_checked_against_its_sha256(
         "deploy.yml", inv, extra_vars={**common, "model_cache_url_sha256": "0" * 64}, label="url-bad-sha"
     )
     assert wrong.rc != 0 and "checksum" in wrong.output.lower(), wrong.explain()
-    assert node_sh(testnodes, node, "readlink /var/lib/sdserve/models/current") == before
-    leftovers = node_sh(testnodes, node, "ls -A /var/lib/sdserve/models | grep -F .staging || true")
-    assert leftovers == "", f"the failed fetch left {leftovers!r} behind"
-    assert ready(testnodes, node)
+    assert_model_untouched(testnodes, node, before)
 
     run = ansible_playbook(
         "deploy.yml", inv, extra_vars={**common, "model_cache_url_sha256": sha}, label="url-model"
@@ -257,10 +262,7 @@ def test_model_from_the_hub_through_a_configured_endpoint(
     )
     assert wrong.rc != 0 and "401" in wrong.output, wrong.explain()
     assert wrong_token not in wrong.output
-    assert node_sh(testnodes, node, "readlink /var/lib/sdserve/models/current") == before
-    leftovers = node_sh(testnodes, node, "ls -A /var/lib/sdserve/models | grep -F .staging || true")
-    assert leftovers == "", f"the failed fetch left {leftovers!r} behind"
-    assert ready(testnodes, node)
+    assert_model_untouched(testnodes, node, before)
 
     run = ansible_playbook(
         "deploy.yml", inv, extra_vars={**common, "model_cache_hf_token": HUB_TOKEN}, label="hub-model"
