@@ -167,3 +167,12 @@ def test_cli_serve_refusals(tiny_model, tmp_path):
     (tmp_path / "keys").write_text("garbage\n")
     r = sdserve("serve", "--model", str(tiny_model), "--api-keys-file", str(tmp_path / "keys"))
     assert r.returncode == 2 and "keys:1" in r.stderr
+
+
+def test_a_misspelt_setting_is_refused_with_the_closest_name(tiny_model):
+    """pydantic-settings ignores unknown SDSERVE_* variables; a typo must not silently do nothing."""
+    r = sdserve("info", "--model", str(tiny_model), env={"SDSERVE_MAX_BACTH": "4", "SDSERVE_NONSENSE": "1"})
+    assert r.returncode == 2
+    assert "SDSERVE_MAX_BACTH is not a setting (did you mean SDSERVE_MAX_BATCH?)" in r.stderr
+    assert "SDSERVE_NONSENSE is not a setting" in r.stderr
+    assert sdserve("info", "--model", str(tiny_model), env={"SDSERVE_MAX_BATCH": "4"}).returncode == 0

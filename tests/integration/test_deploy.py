@@ -302,6 +302,8 @@ BAD_VARIABLES = [
     ),
     ({"sd_service_port_base": 70000}, "sd_service_port_base"),
     ({"sd_service_api_keys": []}, "sd_service_api_keys"),
+    ({"sd_service_settings": {"MAX_BACTH": 4}}, "MAX_BACTH"),
+    ({"sd_service_settings": {"PORT": 9000}}, "sd_service_port_base"),
     ({"python_env_flavour": "rocm"}, "python_env_flavour"),
     ({"nvidia_driver_branch": "latest"}, "nvidia_driver_branch"),
     ({"base_sshd_permit_root_login": "yes"}, "base_sshd_permit_root_login"),

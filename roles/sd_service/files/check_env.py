@@ -8,6 +8,11 @@ import sys
 
 from sdserve.settings import Settings
 
+try:
+    from sdserve.settings import unknown_environment
+except ImportError:  # a service older than this check: it cannot name typos
+    unknown_environment = list
+
 with open(sys.argv[1], encoding="utf-8") as env_file:
     for number, raw in enumerate(env_file, 1):
         line = raw.strip()
@@ -17,6 +22,9 @@ with open(sys.argv[1], encoding="utf-8") as env_file:
         if not sep:
             sys.exit(f"{sys.argv[1]}:{number}: expected KEY=VALUE")
         os.environ[key] = value
+unknown = unknown_environment()
+if unknown:  # a typo would otherwise be ignored by the service
+    sys.exit(f"{sys.argv[1]}: {'; '.join(unknown)}")
 try:
     Settings()
 except Exception as e:  # pydantic names the field and the reason

@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from . import __version__
-from .settings import Settings, point_caches_at
+from .settings import Settings, point_caches_at, unknown_environment
 
 
 def _settings_error(e: ValidationError) -> str:
@@ -27,6 +27,10 @@ def _settings_error(e: ValidationError) -> str:
 
 
 def _load_settings(args: argparse.Namespace, names: list[str]) -> Settings:
+    unknown = unknown_environment()
+    if unknown:
+        print(f"sdserve: {'; '.join(unknown)}", file=sys.stderr)
+        raise SystemExit(2)
     overrides = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     try:
         return Settings(**overrides)

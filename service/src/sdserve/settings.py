@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -178,6 +180,18 @@ class Settings(BaseSettings):
             return ipaddress.ip_address(self.host.strip("[]")).is_loopback
         except ValueError:
             return False
+
+
+def unknown_environment(environ: Mapping[str, str] | None = None) -> list[str]:
+    """SDSERVE_* variables that name no setting, each with the closest setting if one is near.
+    pydantic-settings ignores them, so a typo (SDSERVE_MAX_BACTH) would silently do nothing."""
+    known = [f"SDSERVE_{name.upper()}" for name in Settings.model_fields]
+    problems = []
+    for key in sorted(k for k in (os.environ if environ is None else environ) if k.startswith("SDSERVE_")):
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
+            problems.append(f"{key} is not a setting" + (f" (did you mean {near[0]}?)" if near else ""))
+    return problems
 
 
 def point_caches_at(cache_dir: Path) -> None:
