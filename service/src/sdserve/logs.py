@@ -16,7 +16,7 @@ _STD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message
 def _not_a_torchvision_notice(record: logging.LogRecord) -> bool:
     # transformers warns at every start that its image processors fall back to PIL without
     # torchvision; the service needs neither (no safety checker by default), so it is noise.
-    return "requires torchvision (not installed)" not in str(record.msg)
+    return "requires torchvision (not installed)" not in record.getMessage()
 
 
 def quiet_library_notices() -> None:
@@ -46,18 +46,10 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
-class _DropTorchvisionNotice(logging.Filter):
-    """sdserve deliberately runs without torchvision; transformers warns about it at every start."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "requires torchvision (not installed)" not in record.getMessage()
-
-
 def setup_logging(level: str = "info") -> dict:
     """Configure our loggers and return a uvicorn log_config that uses the same format."""
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter())
-    handler.addFilter(_DropTorchvisionNotice())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
