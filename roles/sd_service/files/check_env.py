@@ -6,12 +6,7 @@ python check_env.py FILE   (run by the release's own interpreter, so its Setting
 import os
 import sys
 
-from sdserve.settings import Settings
-
-try:
-    from sdserve.settings import unknown_environment
-except ImportError:  # a service older than this check: it cannot name typos
-    unknown_environment = list
+from sdserve.settings import Settings, unknown_environment
 
 with open(sys.argv[1], encoding="utf-8") as env_file:
     for number, raw in enumerate(env_file, 1):
