@@ -161,6 +161,23 @@ def batch_stats(url: str) -> tuple[float, float]:
     return total, count
 
 
+def timed_call(pipe, w: int, h: int, steps: int, seed: int, device: str) -> float:
+    """Seconds for one image from the pipeline called directly, GPU work included."""
+    import torch
+
+    t = time.perf_counter()
+    pipe(
+        PROMPT,
+        width=w,
+        height=h,
+        num_inference_steps=steps,
+        generator=torch.Generator(device).manual_seed(seed),
+    )
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
 def summary(times: list[float]) -> dict:
     return {
         "n": len(times),
@@ -190,7 +207,6 @@ def machine() -> dict:
 # ---------------------------------------------------------------------------- CPU mode
 def run_cpu(args, workdir: Path) -> dict:
     import httpx
-    import torch
     from sdserve.model import load_pipeline
     from sdserve.schedulers import resolve
     from sdserve.settings import Settings
@@ -206,15 +222,7 @@ def run_cpu(args, workdir: Path) -> dict:
     pipe.scheduler = resolve(args.scheduler).build(loaded.scheduler_config)
 
     def direct(seed: int) -> float:
-        t = time.perf_counter()
-        pipe(
-            PROMPT,
-            width=w,
-            height=h,
-            num_inference_steps=args.steps,
-            generator=torch.Generator().manual_seed(seed),
-        )
-        return time.perf_counter() - t
+        return timed_call(pipe, w, h, args.steps, seed, "cpu")
 
     env = {"SDSERVE_TORCH_THREADS": str(args.torch_threads)}
     serve_args = ["--device", "cpu", "--warmup-sizes", args.size, "--max-batch", str(args.max_batch)]
@@ -373,17 +381,7 @@ def run_gpu(args, workdir: Path) -> dict:
     pipe.set_progress_bar_config(disable=True)
 
     def plain(seed: int) -> float:
-        t = time.perf_counter()
-        pipe(
-            PROMPT,
-            width=w,
-            height=h,
-            num_inference_steps=args.steps,
-            generator=torch.Generator(device).manual_seed(seed),
-        )
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
+        return timed_call(pipe, w, h, args.steps, seed, device)
 
     plain(10_000)
     plain_times = [plain(i) for i in range(args.plain_images)]
