@@ -251,7 +251,7 @@ def test_model_from_the_hub_through_a_configured_endpoint(
     common = {
         "model_cache_source": "hub",
         "model_cache_hub_id": HUB_REPO,
-        "model_cache_revision": HUB_COMMIT[:12],  # a short commit resolves to the full one
+        "model_cache_revision": HUB_COMMIT,
         "model_cache_hub_endpoint": f"http://10.213.0.1:{hub_standin.port}/",
         "model_cache_poll_interval": 1,
         "model_cache_variant": "fp16",
@@ -291,7 +291,7 @@ def test_model_from_the_hub_through_a_configured_endpoint(
     assert ready(testnodes, node)
     manifest = json.loads(node_sh(testnodes, node, "cat /etc/sdserve/manifest.json"))
     assert manifest["model"]["path"] == now and manifest["model"]["id"] == HUB_REPO
-    assert manifest["model"]["revision"] == HUB_COMMIT[:12]
+    assert manifest["model"]["revision"] == HUB_COMMIT
     assert HUB_TOKEN not in node_sh(testnodes, node, "journalctl --no-pager -q -o cat | tail -n 3000")
 
 

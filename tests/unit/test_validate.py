@@ -26,6 +26,7 @@ BAD = [
     ({"nvidia_driver_branch": "550"}, "nvidia_driver_branch"),
     ({"model_cache_revision": ""}, "model_cache_revision"),
     ({"model_cache_revision": "main"}, "model_cache_revision"),
+    ({"model_cache_revision": "133a221b8aa7"}, "model_cache_revision"),
     ({"sd_service_port_base": 70000}, "sd_service_port_base"),
     ({"sd_service_api_keys": []}, "sd_service_api_keys"),
     ({"base_sshd_permit_root_login": "yes"}, "base_sshd_permit_root_login"),

@@ -76,7 +76,7 @@ def main() -> int:
 
     try:
         api = HfApi()
-        commit = api.repo_info(a.repo_id, revision=a.revision).sha  # a short commit resolves here
+        commit = api.repo_info(a.repo_id, revision=a.revision).sha  # the commit the Hub has, as it names it
         listing = {
             f.path: f.size
             for f in api.list_repo_tree(a.repo_id, revision=commit, recursive=True)
