@@ -74,9 +74,17 @@ def test_logs_are_json_lines_without_prompts(process):
         headers={"Authorization": f"Bearer {BOB}", "X-Request-ID": "req-42"},
     )
     assert r.status_code == 200
-    lines = [json.loads(line) for line in Path(logfile).read_text().splitlines() if line.strip()]
-    ours = [e for e in lines if e.get("request_id") == "req-42"]
-    assert {e["msg"] for e in ours} >= {"generation requested", "POST /v1/images/generations 200"}
+
+    def logged() -> list[dict]:
+        text = Path(logfile).read_text()
+        complete = text[: text.rfind("\n") + 1]  # a line still being written is read next time
+        lines = [json.loads(line) for line in complete.splitlines() if line.strip()]
+        return [e for e in lines if e.get("request_id") == "req-42"]
+
+    # The access line is written once the response has gone out, so it may trail the client.
+    wanted = {"generation requested", "POST /v1/images/generations 200"}
+    wait_until(lambda: {e["msg"] for e in logged()} >= wanted, timeout=30, what=f"log lines {wanted}")
+    ours = logged()
     assert all(e["key"] == "bob" for e in ours if "key" in e)
     assert "zebra-secret-prompt" not in Path(logfile).read_text()
 
