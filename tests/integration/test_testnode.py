@@ -490,7 +490,7 @@ def test_an_interrupted_up_leaves_nothing(state: Path, sig: signal.Signals) -> N
 
 
 def test_cached_root_filesystem_carries_no_identity(state: Path) -> None:
-    tarball = tn.rootfs_tarball()
+    tarball = tn.rootfs_tarball(tn.OS_IMAGES[tn.DEFAULT_OS])
     if not tarball.exists():
         run_testnode(state, "up", node_name("h"))
         run_testnode(state, "down", node_name("h"))

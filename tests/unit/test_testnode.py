@@ -294,20 +294,23 @@ def test_group_vars_never_replaces_a_real_directory(nodes_dir: Path, state: Path
 
 
 def test_recipe_hash_is_stable_and_tracks_every_input() -> None:
-    recipe = tn.rootfs_recipe()
+    debian = tn.OS_IMAGES["debian-12"]
+    recipe = tn.rootfs_recipe(debian)
     assert tn.recipe_hash(recipe) == tn.recipe_hash(json.loads(json.dumps(recipe)))
     for key, value in [
         ("include", [*recipe["include"], "vim"]),
         ("ca", {"x.crt": "PEM"}),
         ("steps", recipe["steps"] + 1),
         ("mirror", "http://example.org/debian"),
+        ("components", ["main", "contrib"]),
+        ("keyring", "0" * 64),
     ]:
         assert tn.recipe_hash({**recipe, key: value}) != tn.recipe_hash(recipe), key
-    assert tn.rootfs_tarball(recipe).name == f"rootfs-bookworm-{tn.recipe_hash(recipe)}.tar"
+    assert tn.rootfs_tarball(debian, recipe).name == f"rootfs-bookworm-{tn.recipe_hash(recipe)}.tar"
 
 
 def test_recipe_holds_what_ansible_needs() -> None:
-    include = set(tn.rootfs_recipe()["include"])
+    include = set(tn.rootfs_recipe(tn.OS_IMAGES["debian-12"])["include"])
     assert {
         "systemd",
         "systemd-sysv",
@@ -332,10 +335,25 @@ def test_host_apt_settings_mirror_only_proxy_and_validity(
 
 
 def test_sources_cover_updates_and_security() -> None:
-    lines = tn.sources_list().splitlines()
+    lines = tn.OS_IMAGES["debian-12"].sources_list().splitlines()
     assert "deb http://deb.debian.org/debian bookworm main" in lines
     assert "deb http://deb.debian.org/debian bookworm-updates main" in lines
     assert "deb http://deb.debian.org/debian-security bookworm-security main" in lines
+    # Ubuntu 22.04's python3.11 lives in universe.
+    lines = tn.OS_IMAGES["ubuntu-22.04"].sources_list().splitlines()
+    assert "deb http://archive.ubuntu.com/ubuntu jammy-updates main universe" in lines
+    assert "deb http://security.ubuntu.com/ubuntu jammy-security main universe" in lines
+
+
+def test_each_release_has_its_own_cached_root_filesystem() -> None:
+    tarballs = {tn.rootfs_tarball(image).name for image in tn.OS_IMAGES.values()}
+    assert len(tarballs) == len(tn.OS_IMAGES)
+    assert {t.split("-")[1] for t in tarballs} == {"bookworm", "jammy", "noble"}
+
+
+def test_up_refuses_an_unknown_release_before_touching_the_host() -> None:
+    with pytest.raises(tn.TestnodeError, match=r"debian-12, ubuntu-22\.04, ubuntu-24\.04"):
+        tn.up("n1", os_name="centos-9")
 
 
 def test_sshd_dropin_modes() -> None:

@@ -1,4 +1,5 @@
-"""Throwaway Debian 12 test nodes: systemd-nspawn containers that look like fresh cloud VMs to Ansible.
+"""Throwaway test nodes (Debian 12 by default, Ubuntu 22.04 and 24.04 with --os): systemd-nspawn
+containers that look like fresh cloud VMs to Ansible.
 
 Each node boots systemd as PID 1 in its own network namespace, on the private bridge `sdnbr0`
 (10.213.0.1/24, nodes from 10.213.0.10), with outbound NAT from the nftables table `inet sdnode_testnodes`.
@@ -9,8 +10,8 @@ Layout:
 - host-wide (shared by every checkout on the machine): node records and root filesystems under
   /var/lib/sdnode/testnodes/<name>/, the bridge, the nftables table, net.ipv4.ip_forward;
 - per checkout ($STATE/testnodes/): the key pair, known_hosts, passwords, node logs, the inventory;
-- cache: /var/cache/sdnode/rootfs-bookworm-<recipe hash>.tar, built once with debootstrap, and the same
-  unpacked beside it: the read-only lower layer of every node's overlay root (nodes write only to
+- cache: /var/cache/sdnode/rootfs-<suite>-<recipe hash>.tar, built once a release with debootstrap,
+  and the same unpacked beside it: the read-only lower layer of every node's overlay root (nodes write only to
   /var/lib/sdnode/testnodes/<name>/upper).
 
 Sections below: helpers, names and addresses, node records, root filesystem cache, network, node rootfs,
@@ -68,6 +69,7 @@ READY_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 15.0
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}[a-z0-9]$|^[a-z]$")
 GROUP = "sdnodes"
+DEFAULT_OS = "debian-12"  # a key of OS_IMAGES
 
 Log = Callable[[str], object]  # where progress messages go
 
@@ -286,6 +288,7 @@ class NodeRecord:
     supervisor_pid: int | None = None
     supervisor_start: int | None = None
     cgroup: str | None = None  # memory cgroup made for --memory
+    os_name: str = DEFAULT_OS  # a key of OS_IMAGES
     created: float = dataclasses.field(default_factory=time.time)
 
     def is_live(self) -> bool:
@@ -413,10 +416,7 @@ def ssh_base_args(
 # ---------------------------------------------------------------------------------------------------
 # Root filesystem cache
 
-SUITE = "bookworm"
-MIRROR = "http://deb.debian.org/debian"
-SECURITY_MIRROR = "http://deb.debian.org/debian-security"
-# What a fresh Debian cloud image offers Ansible: systemd, sshd with sftp, python3, sudo, basic tools.
+# What a fresh cloud image offers Ansible: systemd, sshd with sftp, python3, sudo, basic tools.
 INCLUDE = (
     "systemd",
     "systemd-sysv",
@@ -435,6 +435,60 @@ INCLUDE = (
     "less",
     "xz-utils",
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class OsImage:
+    """A distribution release a node can run, and where debootstrap gets it."""
+
+    name: str  # what `testnode up --os` takes
+    suite: str
+    mirror: str
+    security_mirror: str
+    security_suite: str
+    components: tuple[str, ...] = ("main",)
+    # Ubuntu's archive key, which Debian's host does not carry: from Ubuntu's own package, pinned.
+    keyring_deb: str | None = None
+    keyring_deb_sha256: str | None = None
+
+    def sources_list(self) -> str:
+        parts = " ".join(self.components)
+        return (
+            f"deb {self.mirror} {self.suite} {parts}\n"
+            f"deb {self.mirror} {self.suite}-updates {parts}\n"
+            f"deb {self.security_mirror} {self.security_suite} {parts}\n"
+        )
+
+
+_UBUNTU_KEYRING = (
+    "http://archive.ubuntu.com/ubuntu/pool/main/u/ubuntu-keyring/ubuntu-keyring_2023.11.28.1_all.deb",
+    "36de43b15853ccae0028e9a767613770c704833f82586f28eb262f0311adb8a8",
+)
+OS_IMAGES = {
+    image.name: image
+    for image in (
+        OsImage(
+            "debian-12",
+            "bookworm",
+            "http://deb.debian.org/debian",
+            "http://deb.debian.org/debian-security",
+            "bookworm-security",
+        ),
+        *(
+            OsImage(
+                name,
+                suite,
+                "http://archive.ubuntu.com/ubuntu",
+                "http://security.ubuntu.com/ubuntu",
+                f"{suite}-security",
+                components=("main", "universe"),  # python3.11 on 22.04 is in universe
+                keyring_deb=_UBUNTU_KEYRING[0],
+                keyring_deb_sha256=_UBUNTU_KEYRING[1],
+            )
+            for name, suite in (("ubuntu-22.04", "jammy"), ("ubuntu-24.04", "noble"))
+        ),
+    )
+}
 HOST_CA_DIR = Path("/usr/local/share/ca-certificates")
 HOST_APT_CONF_DIR = Path("/etc/apt/apt.conf.d")
 # Host apt settings worth mirroring into nodes: the proxy and the archive-validity relaxations it needs.
@@ -460,13 +514,15 @@ def host_apt_settings() -> dict[str, str]:
     return found
 
 
-def rootfs_recipe() -> dict[str, Any]:
+def rootfs_recipe(image: OsImage) -> dict[str, Any]:
     """Everything that decides the tarball's content; its hash names the cache file."""
     return {
-        "suite": SUITE,
+        "suite": image.suite,
         "variant": "minbase",
-        "mirror": MIRROR,
-        "security": SECURITY_MIRROR,
+        "mirror": image.mirror,
+        "security": image.security_mirror,
+        "components": list(image.components),
+        "keyring": image.keyring_deb_sha256,
         "include": sorted(INCLUDE),
         "steps": BUILD_STEPS_VERSION,
         "ca": host_ca_certs(),
@@ -478,49 +534,75 @@ def recipe_hash(recipe: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def rootfs_tarball(recipe: dict[str, Any] | None = None) -> Path:
-    return cache_dir() / f"rootfs-{SUITE}-{recipe_hash(recipe or rootfs_recipe())}.tar"
+def rootfs_tarball(image: OsImage, recipe: dict[str, Any] | None = None) -> Path:
+    return cache_dir() / f"rootfs-{image.suite}-{recipe_hash(recipe or rootfs_recipe(image))}.tar"
 
 
-def sources_list() -> str:
-    return (
-        f"deb {MIRROR} {SUITE} main\n"
-        f"deb {MIRROR} {SUITE}-updates main\n"
-        f"deb {SECURITY_MIRROR} {SUITE}-security main\n"
-    )
-
-
-def ensure_rootfs_tarball(log: Log = print) -> Path:
+def ensure_rootfs_tarball(image: OsImage, log: Log = print) -> Path:
     """Build the cached root filesystem once (about a minute); concurrent callers wait for one build."""
-    recipe = rootfs_recipe()
-    tarball = rootfs_tarball(recipe)
+    recipe = rootfs_recipe(image)
+    tarball = rootfs_tarball(image, recipe)
     if tarball.exists():
         return tarball
     with file_lock(cache_dir() / ".rootfs.lock"):
         if tarball.exists():  # built by another process while we waited
             return tarball
-        log(f"building the {SUITE} root filesystem (once; cached as {tarball}) ...")
+        log(f"building the {image.name} root filesystem (once; cached as {tarball}) ...")
         started = time.monotonic()
         # Built in a temp dir and renamed into place, so an interrupted build never leaves a bad cache.
         with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".build-") as tmp:
             root = Path(tmp) / "root"
-            build_rootfs(root, recipe)
+            build_rootfs(root, image, recipe, Path(tmp))
             partial = Path(tmp) / "rootfs.tar"
             run(["tar", "-C", root, "--numeric-owner", "-cf", partial, "."])
             os.replace(partial, tarball)
-        for old in cache_dir().glob(f"rootfs-{SUITE}-*.tar"):
+        for old in cache_dir().glob(f"rootfs-{image.suite}-*.tar"):
             if old != tarball:
                 old.unlink()
         log(f"built {tarball} in {time.monotonic() - started:.0f} s")
     return tarball
 
 
-def build_rootfs(root: Path, recipe: dict[str, Any]) -> None:
+def archive_keyring(image: OsImage, workdir: Path) -> Path:
+    """The distribution's archive keyring, taken from its keyring package (checked against the pinned
+    sha256), for a distribution whose key the host does not have."""
+    assert image.keyring_deb and image.keyring_deb_sha256
+    deb = workdir / "keyring.deb"
+    run(["curl", "-fsSL", "--retry", "3", "-o", deb, image.keyring_deb], timeout=300)
+    digest = hashlib.sha256(deb.read_bytes()).hexdigest()
+    if digest != image.keyring_deb_sha256:
+        raise TestnodeError(f"{image.keyring_deb}: sha256 {digest}, expected {image.keyring_deb_sha256}")
+    run(["dpkg-deb", "-x", deb, workdir / "keyring"])
+    return workdir / "keyring/usr/share/keyrings/ubuntu-archive-keyring.gpg"
+
+
+def debootstrap_script(image: OsImage) -> list[str]:
+    """Older debootstrap releases lack the newer Ubuntu suites; every Ubuntu suite since 7.10 uses gutsy's."""
+    scripts = Path("/usr/share/debootstrap/scripts")
+    if image.keyring_deb is None or (scripts / image.suite).exists():
+        return []
+    return [str(scripts / "gutsy")]
+
+
+def build_rootfs(root: Path, image: OsImage, recipe: dict[str, Any], workdir: Path) -> None:
+    keyring = [f"--keyring={archive_keyring(image, workdir)}"] if image.keyring_deb else []
     run(
-        ["debootstrap", "--variant=minbase", f"--include={','.join(recipe['include'])}", SUITE, root, MIRROR],
+        [
+            "debootstrap",
+            "--variant=minbase",
+            f"--components={','.join(image.components)}",
+            f"--include={','.join(recipe['include'])}",
+            *keyring,
+            image.suite,
+            root,
+            image.mirror,
+            *debootstrap_script(image),
+        ],
         timeout=1800,
     )
-    (root / "etc/apt/sources.list").write_text(sources_list())
+    (root / "etc/apt/sources.list").write_text(image.sources_list())
+    # Ubuntu 24.04 lists its archive in deb822 form as well; one list, so apt warns of no duplicates.
+    (root / "etc/apt/sources.list.d/ubuntu.sources").unlink(missing_ok=True)
     for name, text in recipe["apt"].items():
         (root / "etc/apt/apt.conf.d" / f"50sdnode-host-{name}").write_text(text)
     # Trust the controller's CA certificates (outbound TLS here goes through an intercepting proxy).
@@ -976,14 +1058,23 @@ def wait_ready(record: NodeRecord, base: Path, timeout: float = READY_TIMEOUT_S)
     )
 
 
-def up(name: str, *, password_login: bool = False, memory: int | None = None, log: Log = print) -> NodeRecord:
+def up(
+    name: str,
+    *,
+    password_login: bool = False,
+    memory: int | None = None,
+    os_name: str = DEFAULT_OS,
+    log: Log = print,
+) -> NodeRecord:
     validate_name(name)
+    if os_name not in OS_IMAGES:
+        raise TestnodeError(f"--os {os_name!r}: choose one of {', '.join(OS_IMAGES)}")
     require_root("up")
     require_host_tools()
     base = state_dir()
-    tarball = ensure_rootfs_tarball(log)
+    tarball = ensure_rootfs_tarball(OS_IMAGES[os_name], log)
     try:
-        record = _claim(name, base, password_login, memory)
+        record = _claim(name, base, password_login, memory, os_name)
         if record.status == "up":
             log(f"{name} is already up at {record.address}")
             write_inventory(base)
@@ -1026,7 +1117,7 @@ def up(name: str, *, password_login: bool = False, memory: int | None = None, lo
         raise
 
 
-def _claim(name: str, base: Path, password_login: bool, memory: int | None) -> NodeRecord:
+def _claim(name: str, base: Path, password_login: bool, memory: int | None, os_name: str) -> NodeRecord:
     """The node's record: the running one, or a new one with the lowest free address (status creating)."""
     with host_lock():
         existing = load_record(name)
@@ -1035,6 +1126,10 @@ def _claim(name: str, base: Path, password_login: bool, memory: int | None) -> N
                 raise TestnodeError(
                     f"node {name} exists and belongs to {existing.state_dir}; pick another "
                     "name or `testnode down` it from there"
+                )
+            if existing.status == "up" and existing.os_name != os_name:
+                raise TestnodeError(
+                    f"node {name} runs {existing.os_name}, not {os_name}; `testnode down {name}` first"
                 )
             if existing.status == "up":
                 return existing
@@ -1048,6 +1143,7 @@ def _claim(name: str, base: Path, password_login: bool, memory: int | None) -> N
             state_dir=str(base),
             password_login=password_login,
             memory=memory,
+            os_name=os_name,
             owner_pid=os.getpid(),
             owner_start=proc_start_time(os.getpid()),
         )
@@ -1176,6 +1272,7 @@ def list_nodes(base: Path) -> list[dict[str, Any]]:
             "address": r.address,
             "status": node_status(r),
             "password_login": r.password_login,
+            "os": r.os_name,
             "state_dir": r.state_dir,
             "mine": r.state_dir == str(base),
         }
@@ -1325,11 +1422,11 @@ def _gc_rootfs_builds() -> list[str]:
         except BlockingIOError:
             return []  # a build is in progress
         removed = []
-        current = rootfs_tarball().with_suffix("")
+        current = {rootfs_tarball(image).with_suffix("") for image in OS_IMAGES.values()}
         mount_table = Path("/proc/self/mounts").read_text()
-        for tree in cache.glob(f"rootfs-{SUITE}-*"):
+        for tree in cache.glob("rootfs-*"):
             # Trees of an older recipe, once no node's overlay sits on them.
-            if tree.is_dir() and tree != current and f"lowerdir={tree}," not in mount_table:
+            if tree.is_dir() and tree not in current and f"lowerdir={tree}," not in mount_table:
                 remove_tree(tree)
                 removed.append(f"old root filesystem {tree}")
         for build in builds:
@@ -1385,7 +1482,7 @@ def host_setup(log: Log = print) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="testnode",
-        description="Throwaway Debian 12 test nodes "
+        description="Throwaway Debian 12 and Ubuntu test nodes "
         "(systemd-nspawn) that Ansible and testinfra can deploy to.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -1397,6 +1494,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="give root a random password ($STATE/testnodes/NAME.password), allowed over SSH",
     )
     p.add_argument("--memory", type=parse_memory, help="memory limit, e.g. 2G")
+    p.add_argument("--os", default=DEFAULT_OS, choices=sorted(OS_IMAGES), help=f"default {DEFAULT_OS}")
     p = sub.add_parser("down", help="stop nodes and remove everything they made")
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("name", nargs="?")
@@ -1448,6 +1546,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             args.name,
             password_login=args.password_login,
             memory=args.memory,
+            os_name=args.os,
             log=lambda msg: print(msg, file=sys.stderr),
         )
         print(record.address)
@@ -1466,11 +1565,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(nodes, indent=2))
         else:
-            print(f"{'NAME':<20} {'ADDRESS':<14} {'STATUS':<9} {'LOGIN':<9} STATE")
+            print(f"{'NAME':<20} {'ADDRESS':<14} {'STATUS':<9} {'OS':<13} {'LOGIN':<9} STATE")
             for n in nodes:
                 login = "password" if n["password_login"] else "key"
                 print(
-                    f"{n['name']:<20} {n['address']:<14} {n['status']:<9} {login:<9} "
+                    f"{n['name']:<20} {n['address']:<14} {n['status']:<9} {n['os']:<13} {login:<9} "
                     f"{'this checkout' if n['mine'] else n['state_dir']}"
                 )
     elif args.command == "ssh":
