@@ -339,10 +339,10 @@ def test_sources_cover_updates_and_security() -> None:
     assert "deb http://deb.debian.org/debian bookworm main" in lines
     assert "deb http://deb.debian.org/debian bookworm-updates main" in lines
     assert "deb http://deb.debian.org/debian-security bookworm-security main" in lines
-    # Ubuntu 22.04's python3.11 lives in universe.
+    # Ubuntu's components as on its cloud images: Canonical's NVIDIA driver is in restricted.
     lines = tn.OS_IMAGES["ubuntu-22.04"].sources_list().splitlines()
-    assert "deb http://archive.ubuntu.com/ubuntu jammy-updates main universe" in lines
-    assert "deb http://security.ubuntu.com/ubuntu jammy-security main universe" in lines
+    assert "deb http://archive.ubuntu.com/ubuntu jammy-updates main restricted universe multiverse" in lines
+    assert "deb http://security.ubuntu.com/ubuntu jammy-security main restricted universe multiverse" in lines
 
 
 def test_each_release_has_its_own_cached_root_filesystem() -> None:

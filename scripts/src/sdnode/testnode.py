@@ -481,7 +481,8 @@ OS_IMAGES = {
                 "http://archive.ubuntu.com/ubuntu",
                 "http://security.ubuntu.com/ubuntu",
                 f"{suite}-security",
-                components=("main", "universe"),  # python3.11 on 22.04 is in universe
+                # As on Ubuntu's cloud images; restricted holds Canonical's NVIDIA driver packages.
+                components=("main", "restricted", "universe", "multiverse"),
                 keyring_deb=_UBUNTU_KEYRING[0],
                 keyring_deb_sha256=_UBUNTU_KEYRING[1],
             )
