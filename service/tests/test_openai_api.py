@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 
 import httpx
 import openai
 import pytest
-from conftest import FAST, SIZE
+from conftest import FAST, SIZE, wait_until
 from PIL import Image
 
 
@@ -73,6 +74,28 @@ def test_url_response_served_from_output_dir(client, shared_server):
     assert got.status_code == 200 and got.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(got.content)).size == (64, 64)
     assert httpx.get(shared_server.url + "/v1/images/files/..%2Fsecret.png").status_code == 404
+
+
+def test_url_images_expire_after_the_output_retention(live, tmp_path):
+    """Past OUTPUT_RETENTION_S a URL answers 404 at once and the sweep deletes the file; younger
+    images stay. The clock is not waited on: files are aged by their modification time."""
+    server = live(output_dir=tmp_path, output_retention_s=3, warmup_sizes=SIZE)
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="unused-on-loopback", max_retries=0)
+    old, young = (
+        c.images.generate(prompt=p, size=SIZE, response_format="url", extra_body=FAST).data[0].url
+        for p in ("old", "young")
+    )
+    assert httpx.get(old).status_code == 200
+    old_file = tmp_path / old.rsplit("/", 1)[1]
+    aged = old_file.stat().st_mtime - 60
+    os.utime(old_file, (aged, aged))
+    half_written = tmp_path / "img-crashed.part"
+    half_written.write_bytes(b"x")
+    os.utime(half_written, (aged, aged))
+    gone = httpx.get(old)
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "not_found"
+    wait_until(lambda: not old_file.exists() and not half_written.exists(), timeout=30, what="the sweep")
+    assert httpx.get(young).status_code == 200
 
 
 def test_models_lists_the_loaded_model(client):

@@ -166,6 +166,60 @@ def test_kill_9_is_recovered_by_systemd(deployed: Deployment, testnodes, origina
     assert ready(testnodes, node)
 
 
+# Runs on the node: one url image through the API, then its URL fetched; prints JSON.
+URL_IMAGE_PROBE = """
+import json, sys, urllib.error, urllib.request as u
+key = sys.argv[1]
+def call(req):
+    try:
+        with u.urlopen(req, timeout=300) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+body = json.dumps({"prompt": "a lighthouse", "size": "64x64", "steps": 2, "response_format": "url"})
+head = {"Authorization": "Bearer " + key, "Content-Type": "application/json"}
+status, out = call(u.Request("http://127.0.0.1:7860/v1/images/generations", body.encode(), head))
+got = {"status": status, "body": json.loads(out)}
+if status == 200:
+    url = got["body"]["data"][0]["url"]
+    fetched, png = call(u.Request(url, headers=head))
+    got.update(url=url, fetched=fetched, png=png[:8] == bytes([137, 80, 78, 71, 13, 10, 26, 10]))
+print(json.dumps(got))
+"""
+
+
+def url_image(testnodes, node: str) -> dict:
+    key = sorted((STATE / "api-keys").glob(f"{node}.*.key"))[0].read_text().strip()
+    probe = testnodes.ssh(node, f"python3 -c '{URL_IMAGE_PROBE}' {key}", check=False)
+    assert probe.returncode == 0, probe.stdout + probe.stderr
+    return json.loads(probe.stdout.strip().splitlines()[-1])
+
+
+def test_url_images_are_kept_for_the_retention_then_not_at_all(
+    deployed: Deployment, testnodes, original: str
+) -> None:
+    """sd_service_image_retention_minutes > 0: response_format url works, its image lies in the
+    instance's state directory, readable by the service user only; back to 0, url is refused with
+    a 422 naming the field and no image stays on the node."""
+    node, inv = deployed.node, deployed.inventory
+    images = "/var/lib/sdserve-state/0/images"
+    kept = ansible_playbook(
+        "deploy.yml", inv, extra_vars={"sd_service_image_retention_minutes": 60}, label="deploy-url-images"
+    )
+    assert_converged(kept)
+    assert "SDSERVE_OUTPUT_RETENTION_S=3600" in node_sh(testnodes, node, "cat /etc/sdserve/sdserve.env")
+    got = url_image(testnodes, node)
+    assert got["status"] == 200 and got["fetched"] == 200 and got["png"], got
+    name = got["url"].rsplit("/", 1)[1]
+    assert node_sh(testnodes, node, f"stat -c '%U %a' {images}/{name}") == "sdserve 600"
+
+    off = ansible_playbook("deploy.yml", inv, label="deploy-url-images-off")
+    assert_converged(off)
+    refused = url_image(testnodes, node)
+    assert refused["status"] == 422 and refused["body"]["error"]["param"] == "response_format", refused
+    assert node_sh(testnodes, node, f"test -e {images} && echo present || echo gone") == "gone"
+
+
 @pytest.fixture
 def model_archive_url(tmp_path: Path, tiny_model: Path):
     """The tiny model as a tar.gz on a throwaway HTTP server on the test-node bridge (10.213.0.1)."""

@@ -28,4 +28,5 @@ def test_the_role_writes_what_it_claims_to_set() -> None:
         for line in templates.splitlines()
         if line.startswith("SDSERVE_") and "{{" not in line.split("=", 1)[0]  # not the free ones' loop
     }
-    assert written == set(VARS["__sd_service_role_settings"]) - {"CACHE_DIR", "OUTPUT_DIR"}
+    # CACHE_DIR follows systemd's CACHE_DIRECTORY (the unit's CacheDirectory=); no env file writes it.
+    assert written == set(VARS["__sd_service_role_settings"]) - {"CACHE_DIR"}

@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .engine import MAX_SEED, GenParams
-from .images import Infotext, encode_b64_png, encode_png
+from .images import Infotext, encode_b64_png, encode_png, expired
 from .service import Service, authenticate, new_id
 from .settings import parse_size
 from .validation import Problem, build_params, check_prompt
@@ -171,7 +171,8 @@ async def image_file(name: str, request: Request):
     ):
         raise Problem("no such image", "name", status=404, code="not_found")
     path = service.settings.output_dir / name
-    if not path.is_file():
+    # Past the retention it is gone, even before the next sweep removes the file.
+    if not path.is_file() or expired(path, service.settings.output_retention_s):
         raise Problem("no such image", "name", status=404, code="not_found")
     return FileResponse(path, media_type="image/png")
 

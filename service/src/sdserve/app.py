@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .engine import Engine
+from .images import sweep_outputs
 from .keys import KeyStore
 from .logs import request_id as request_id_var
 from .metrics import Metrics
@@ -242,6 +243,18 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(body, status_code=500)
 
 
+async def sweep_outputs_every(settings: Settings) -> None:
+    """Keep OUTPUT_DIR within its retention, so that url images and saved images cannot fill the disk."""
+    if settings.output_dir is None or settings.output_retention_s <= 0:
+        return
+    while True:
+        with contextlib.suppress(OSError):  # a full or read-only disk must not end the sweeps
+            removed = await asyncio.to_thread(sweep_outputs, settings.output_dir, settings.output_retention_s)
+            if removed:
+                log.info("removed %d images past the output retention", removed)
+        await asyncio.sleep(min(60.0, settings.output_retention_s / 4))
+
+
 def create_app(settings: Settings, *, start_engine: bool = True) -> FastAPI:
     """Build the app. Refuses (StartupRefused) to serve a non-loopback address without keys."""
     point_caches_at(settings.cache_dir)
@@ -271,6 +284,7 @@ def create_app(settings: Settings, *, start_engine: bool = True) -> FastAPI:
         if start_engine and engine.state == "created":
             engine.start()
         janitor = asyncio.ensure_future(service.jobs.janitor())
+        sweeper = asyncio.ensure_future(sweep_outputs_every(settings))
         log.info(
             "sdserve %s starting on %s:%d (keys: %d)", __version__, settings.host, settings.port, len(keys)
         )
@@ -282,6 +296,7 @@ def create_app(settings: Settings, *, start_engine: bool = True) -> FastAPI:
             await service.jobs.drain(settings.drain_timeout_s)
             finished = await asyncio.to_thread(engine.drain, settings.drain_timeout_s)
             janitor.cancel()
+            sweeper.cancel()
             service.png_pool.shutdown(wait=True)
             if hup:
                 loop.remove_signal_handler(signal.SIGHUP)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL.PngImagePlugin import PngInfo
 
@@ -49,3 +51,23 @@ def encode_png(image, parameters: str) -> bytes:
 
 def encode_b64_png(image, parameters: str) -> str:
     return base64.b64encode(encode_png(image, parameters)).decode("ascii")
+
+
+def expired(path: Path, retention_s: float, now: float | None = None) -> bool:
+    """An image past the output retention (0: none ever is)."""
+    if retention_s <= 0:
+        return False
+    try:
+        return path.stat().st_mtime < (now or time.time()) - retention_s
+    except FileNotFoundError:
+        return True
+
+
+def sweep_outputs(directory: Path, retention_s: float) -> int:
+    """Delete the output images (and half-written ones) past the retention; returns how many."""
+    now, removed = time.time(), 0
+    for path in [*directory.glob("*.png"), *directory.glob("*.part")]:
+        if expired(path, retention_s, now):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed

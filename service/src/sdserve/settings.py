@@ -138,6 +138,12 @@ class Settings(BaseSettings):
         None,
         description="Where images are written for response_format=url and save_images; unset: url is refused.",
     )
+    output_retention_s: float = Field(
+        0,
+        ge=0,
+        description="Images in OUTPUT_DIR older than this are deleted and their URLs answer 404 "
+        "(OpenAI's image URLs last an hour); 0 keeps them.",
+    )
     public_url: str = Field(
         "", description="Base URL used in image URLs; default the request's own base URL."
     )
