@@ -129,6 +129,13 @@ def _recorded(argv: list[str], name: str, timeout: int) -> PlaybookRun:
     return run
 
 
+def assert_pytest_passes(argv: list[str]) -> None:
+    """A pytest run (the testinfra suite, directly or through make) from the repo root passes."""
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout, proc.stdout[-3000:]
+
+
 def assert_converged(run: PlaybookRun) -> None:
     assert run.rc == 0 and run.failed == 0 and run.recap, run.explain()
 

@@ -6,12 +6,12 @@ import pytest
 from PIL import Image
 
 from .conftest import (
-    REPO,
     STATE,
     Deployment,
     ansible_playbook,
     assert_converged,
     assert_idempotent,
+    assert_pytest_passes,
     make_target,
     tool,
 )
@@ -38,15 +38,7 @@ def test_check_mode_on_converged_node_reports_no_change(deployed: Deployment) ->
 
 def test_verify_suite_passes_against_the_node(deployed: Deployment) -> None:
     """`make verify` as the README shows it: the testinfra suite against the inventory."""
-    proc = subprocess.run(
-        ["make", "verify", f"INVENTORY={deployed.inventory}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout, proc.stdout[-3000:]
+    assert_pytest_passes(["make", "verify", f"INVENTORY={deployed.inventory}"])
 
 
 def test_smoke_fetches_a_png_of_the_requested_size(deployed: Deployment) -> None:

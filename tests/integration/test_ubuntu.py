@@ -10,13 +10,20 @@ whole service.
 
 from __future__ import annotations
 
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, STATE, PlaybookRun, ansible_playbook, assert_converged, assert_idempotent, tool
+from .conftest import (
+    STATE,
+    PlaybookRun,
+    ansible_playbook,
+    assert_converged,
+    assert_idempotent,
+    assert_pytest_passes,
+    tool,
+)
 from .conftest import TestNodes as Nodes  # aliased: pytest would try to collect a Test* name
 
 pytestmark = pytest.mark.integration
@@ -56,7 +63,7 @@ def test_provision_converges_then_changes_nothing(provisioned: Provisioned) -> N
 
 
 def test_base_checks_pass(provisioned: Provisioned) -> None:
-    proc = subprocess.run(
+    assert_pytest_passes(
         [
             tool("pytest"),
             "-p",
@@ -65,14 +72,8 @@ def test_base_checks_pass(provisioned: Provisioned) -> None:
             "tests/node/test_base.py",
             "--hosts=ansible://sdnodes",
             f"--ansible-inventory={provisioned.inventory}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=900,
+        ]
     )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert " passed" in proc.stdout, proc.stdout[-3000:]
 
 
 @pytest.mark.parametrize("provisioned", ["ubuntu-22.04"], indirect=True)
