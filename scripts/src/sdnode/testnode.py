@@ -602,7 +602,7 @@ def build_rootfs(root: Path, image: OsImage, recipe: dict[str, Any], workdir: Pa
         timeout=1800,
     )
     (root / "etc/apt/sources.list").write_text(image.sources_list())
-    # Ubuntu 24.04 lists its archive in deb822 form as well; one list, so apt warns of no duplicates.
+    # 24.04's cloud images list the archive in deb822 form; should a package write that here, one list stays.
     (root / "etc/apt/sources.list.d/ubuntu.sources").unlink(missing_ok=True)
     for name, text in recipe["apt"].items():
         (root / "etc/apt/apt.conf.d" / f"50sdnode-host-{name}").write_text(text)
