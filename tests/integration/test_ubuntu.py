@@ -81,15 +81,16 @@ def test_jammy_python_is_refused_naming_the_variable(provisioned: Provisioned, t
     """Ubuntu 22.04: with no interpreter set, and with jammy's own python3.11 (3.11.0rc1, on which
     torch fails to import), python_env stops at its checks, naming python_env_python, and no
     release is built."""
-    unset = ansible_playbook("site.yml", provisioned.inventory, label="ub22-site-no-python")
+    # deploy.yml: the service roles on the provisioned node, so the check is reached without base again.
+    unset = ansible_playbook("deploy.yml", provisioned.inventory, label="ub22-deploy-no-python")
     assert unset.rc != 0 and "python_env_python must be set on Ubuntu 22.04" in unset.output, unset.explain()
     # What an operator would try next: the archive's python3.11.
     testnodes.ssh(provisioned.node, "DEBIAN_FRONTEND=noninteractive apt-get install -qy python3.11-venv")
     rc1 = ansible_playbook(
-        "site.yml",
+        "deploy.yml",
         provisioned.inventory,
         extra_vars={"python_env_python": "/usr/bin/python3.11"},
-        label="ub22-site-rc-python",
+        label="ub22-deploy-rc-python",
     )
     assert rc1.rc != 0, rc1.explain()
     assert "python_env_python: /usr/bin/python3.11 on ub22 is Python 3.11.0 (candidate, a pre-release)" in (
