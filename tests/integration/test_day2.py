@@ -91,6 +91,7 @@ def test_status_shows_the_node_ready(serving: Serving, state: Path) -> None:
     assert (instance["instance"], instance["service"], instance["ready"]) == (0, "active", "yes")
     assert instance["queue_depth"] == 0 and instance["images"] is not None
     assert instance["model"] != "-" and "@" in instance["model"]
+    assert instance["keys"] == "1"  # the one generated key, in force (not "stale")
 
     table = sdnode("status", "-i", str(serving.inventory), state=state)
     assert table.returncode == 0, explain(table)

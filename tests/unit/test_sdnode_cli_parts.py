@@ -21,7 +21,7 @@ from sdnode.day2.inventory import node_from_vars
 from sdnode.day2.keys import generate_key_pair, read_public_key
 from sdnode.day2.manifest import MISSING, diff_manifests, flatten
 from sdnode.day2.metrics import fmt_number, parse_figures
-from sdnode.day2.service import model_label, parse_driver, parse_units, probe_host
+from sdnode.day2.service import InstanceStatus, model_label, parse_driver, parse_units, probe_host
 from sdnode.day2.smoke import decode_png, error_detail, parse_size, request_body
 
 # ---------------------------------------------------------------------------------------------
@@ -53,6 +53,26 @@ def test_images_zero_before_the_first_generation() -> None:
 def test_figures_absent_when_not_exported() -> None:
     figures = parse_figures("# TYPE other gauge\nother 1\n")
     assert (figures.queue_depth, figures.images, figures.ready) == (None, None, None)
+
+
+def test_a_refused_key_file_reaches_the_figures(tmp_path: Path) -> None:
+    """sdserve's own metrics (not a copy of their names): a reload that would leave no keys keeps
+    them, and `sdnode status` reads that as stale keys, an unhealthy instance with a note."""
+    from sdserve.keys import KeyStore, key_line
+    from sdserve.metrics import Metrics
+
+    path = tmp_path / "api-keys"
+    path.write_text(key_line("a" * 32, "alice") + "\n" + key_line("b" * 32, "bob") + "\n")
+    keys, metrics = KeyStore(path), Metrics(max_batch=4)
+    metrics.watch_keys(keys)
+    figures = parse_figures(generate_latest(metrics.registry).decode())
+    assert (figures.keys, figures.keys_stale) == (2, 0)
+    path.write_text("# emptied by mistake\n")
+    assert keys.reload() is False
+    figures = parse_figures(generate_latest(metrics.registry).decode())
+    assert (figures.keys, figures.keys_stale) == (2, 1)
+    assert not InstanceStatus(0, 7860, service="active", ready="yes", keys="stale").healthy
+    assert InstanceStatus(0, 7860, service="active", ready="yes", keys="2").healthy
 
 
 def test_metrics_that_are_not_prometheus_text_raise() -> None:

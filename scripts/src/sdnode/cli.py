@@ -155,6 +155,7 @@ def status_table(results: list[Any]) -> Table:
         "READY",
         "QUEUE",
         "IMAGES",
+        "KEYS",
         "MODEL",
     ):
         table.add_column(
@@ -178,6 +179,7 @@ def status_table(results: list[Any]) -> Table:
                 "-",
                 "-",
                 "-",
+                "-",
             )
             continue
         for inst in r.instances:
@@ -191,6 +193,7 @@ def status_table(results: list[Any]) -> Table:
                 mark(inst.ready == "yes", inst.ready),
                 fmt_number(inst.queue_depth),
                 fmt_number(inst.images),
+                mark(inst.keys != "stale", inst.keys),
                 inst.model,
             )
     return table

@@ -61,10 +61,16 @@ def parse_key_file(path: Path) -> list[tuple[bytes, str]]:
 
 
 class KeyStore:
+    """The keys in force. Once the service runs with keys it never runs without: a reload that would
+    leave no keys (an emptied file, only comments) keeps the keys in force, like a broken file does,
+    so a key-file mistake can never open the service. `stale` says the file on disk was refused."""
+
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self._entries: list[tuple[bytes, str]] = []
         self._lock = threading.Lock()
+        self.stale: str | None = None  # why the file on disk is not what is in force
+        self.reloads: dict[str, int] = {"ok": 0, "kept_old_keys": 0}
         if path is not None:
             self._entries = parse_key_file(path)
 
@@ -76,16 +82,25 @@ class KeyStore:
         return len(self._entries)
 
     def reload(self) -> bool:
-        """Re-read the file (SIGHUP). A broken file keeps the old keys and logs why."""
+        """Re-read the file (SIGHUP). A broken file, or one without keys while keys are in force,
+        keeps the old keys and logs why at error level."""
         if self.path is None:
             return False
         try:
             entries = parse_key_file(self.path)
+            if not entries and self._entries:
+                raise KeyFileError(
+                    f"{self.path}: no keys (empty or only comments); refusing to serve without keys"
+                )
         except KeyFileError as e:
-            log.error("key file not reloaded, keeping %d keys: %s", len(self._entries), e)
+            self.stale = str(e)
+            self.reloads["kept_old_keys"] += 1
+            log.error("key file not reloaded, keeping the %d keys in force: %s", len(self._entries), e)
             return False
         with self._lock:
             self._entries = entries
+        self.stale = None
+        self.reloads["ok"] += 1
         log.info("key file reloaded: %d keys", len(entries))
         return True
 

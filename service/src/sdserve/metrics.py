@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 _SECONDS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -34,6 +34,27 @@ class _GpuMemory:
             total.add_metric([str(i)], t)
         yield free
         yield total
+
+
+class _Keys:
+    """The key store's state, read at scrape time: a refused key file must be seen, not only logged."""
+
+    def __init__(self, keys) -> None:
+        self.keys = keys
+
+    def collect(self):
+        yield GaugeMetricFamily("sdserve_api_keys", "API keys in force", value=len(self.keys))
+        yield GaugeMetricFamily(
+            "sdserve_api_keys_file_stale",
+            "1 when the last reload refused the key file (the previous keys stay in force)",
+            value=1 if self.keys.stale else 0,
+        )
+        reloads = CounterMetricFamily(
+            "sdserve_api_key_reloads", "Key file reloads (SIGHUP), by result", labels=["result"]
+        )
+        for result, count in self.keys.reloads.items():
+            reloads.add_metric([result], count)
+        yield reloads
 
 
 class Metrics:
@@ -89,3 +110,6 @@ class Metrics:
         self.ready = Gauge("sdserve_ready", "1 when the model is loaded and warmed up", registry=r)
         self.jobs = Gauge("sdserve_jobs", "Async jobs held, by status", ["status"], registry=r)
         r.register(_GpuMemory())
+
+    def watch_keys(self, keys) -> None:
+        self.registry.register(_Keys(keys))

@@ -10,6 +10,8 @@ from prometheus_client.parser import text_string_to_metric_families
 QUEUE_DEPTH = "sdserve_queue_depth"
 IMAGES = "sdserve_images_total"
 READY = "sdserve_ready"
+KEYS = "sdserve_api_keys"
+KEYS_STALE = "sdserve_api_keys_file_stale"
 
 
 @dataclass(frozen=True)
@@ -17,6 +19,8 @@ class ServiceFigures:
     queue_depth: float | None = None
     images: float | None = None  # summed over the per-key label
     ready: float | None = None
+    keys: float | None = None  # API keys in force
+    keys_stale: float | None = None  # 1: the last reload refused the key file
 
 
 def sample_sums(text: str) -> dict[str, float]:
@@ -33,9 +37,12 @@ def sample_sums(text: str) -> dict[str, float]:
 
 
 def parse_figures(text: str) -> ServiceFigures:
-    """Queue depth, images served and readiness from a /metrics body; ValueError if not Prometheus text."""
+    """Queue depth, images served, readiness and the key file's state from a /metrics body;
+    ValueError if not Prometheus text."""
     sums = sample_sums(text)
-    return ServiceFigures(sums.get(QUEUE_DEPTH), sums.get(IMAGES), sums.get(READY))
+    return ServiceFigures(
+        sums.get(QUEUE_DEPTH), sums.get(IMAGES), sums.get(READY), sums.get(KEYS), sums.get(KEYS_STALE)
+    )
 
 
 def fmt_number(value: float | None) -> str:

@@ -15,6 +15,7 @@ from sdnode.day2.metrics import parse_figures
 from sdnode.day2.remote import HTTPResult, NodeSession
 
 MANIFEST = "/etc/sdserve/manifest.json"
+KEY_FILE = "/etc/sdserve/api-keys"
 UNIT_RE = re.compile(r"^sdserve@(\d+)\.service$")
 WILDCARD_LISTEN = ("0.0.0.0", "::", "127.0.0.1", "localhost")
 
@@ -134,11 +135,12 @@ class InstanceStatus:
     queue_depth: float | None = None
     images: float | None = None
     model: str = "-"
-    note: str = ""  # why a figure is missing
+    keys: str = "-"  # API keys in force, or "stale" when the last reload refused the key file
+    note: str = ""  # why a figure is missing, or what needs doing
 
     @property
     def healthy(self) -> bool:
-        return self.service == "active" and self.ready == "yes"
+        return self.service == "active" and self.ready == "yes" and self.keys != "stale"
 
 
 @dataclass
@@ -191,6 +193,15 @@ def instance_status(session: NodeSession, instance: int, token: str | None, mode
         if metrics.status == 200:
             figures = parse_figures(metrics.text)
             status.queue_depth, status.images = figures.queue_depth, figures.images
+            if figures.keys is not None:
+                status.keys = str(int(figures.keys))
+            if figures.keys_stale:
+                status.keys = "stale"
+                status.note = (
+                    f"the last key reload refused {KEY_FILE} (emptied or malformed); the previous "
+                    f"{int(figures.keys or 0)} keys stay in force. Fix the file and reload "
+                    "(`sdnode logs` says why)"
+                )
         elif metrics.status in (401, 403):
             status.note = f"/metrics refused the API key ({'none found' if token is None else 'rejected'})"
         else:
