@@ -11,7 +11,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 for _name in [n for n in os.environ if n.startswith("SDSERVE_")]:
     del os.environ[_name]  # the developer's own settings must not leak into tests
@@ -23,6 +22,7 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 from sdserve.app import create_app  # noqa: E402
+from sdserve.server import build_server  # noqa: E402
 from sdserve.settings import Settings  # noqa: E402
 
 SIZE = "64x64"
@@ -62,8 +62,9 @@ class LiveServer:
         self.app = app
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+        # The server `sdserve serve` runs, with its read deadlines and drain on shutdown.
+        self.server = build_server(
+            app, app.state.service.settings, host="127.0.0.1", port=port, log_level="warning"
         )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

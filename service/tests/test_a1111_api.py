@@ -95,7 +95,7 @@ def test_unhonourable_field_is_422_naming_it(api):
     [
         ({"width": 100}, "width"),
         ({"sampler_name": "Quantum"}, "sampler_name"),
-        ({"scheduler": "wobbly"}, "sampler_name"),
+        ({"scheduler": "wobbly"}, "scheduler"),
         ({"batch_size": 17}, "batch_size"),
         ({"tiling": True}, "tiling"),
         (

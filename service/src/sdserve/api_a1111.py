@@ -13,20 +13,25 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from . import __version__
 from .api_openai import _write
 from .engine import MAX_SEED, GenParams
+from .errors import BODY, responses
 from .images import Infotext, encode_png
 from .schedulers import SAMPLERS, SCHEDULES
 from .service import Service, authenticate, new_id
-from .validation import Problem, build_params, check_prompt
+from .validation import Problem, RequestModel, build_params, check_prompt, check_texts
 
 router = APIRouter(prefix="/sdapi/v1")
 
 
-class Txt2ImgRequest(BaseModel):
+class Txt2ImgRequest(RequestModel):
+    """Every field of A1111's txt2img, typed as A1111 types it, so that what this service ignores is
+    still checked (a NaN there must not reach the JSON it echoes). Unknown fields are accepted only
+    empty; see check_unsupported."""
+
     model_config = ConfigDict(extra="allow")
 
     # Honoured.
@@ -35,52 +40,86 @@ class Txt2ImgRequest(BaseModel):
     seed: int = Field(-1, ge=-1, le=MAX_SEED)
     steps: int | None = Field(None, ge=1)
     cfg_scale: float = Field(7.0, ge=0, le=30)
-    width: int = Field(512, ge=1)
-    height: int = Field(512, ge=1)
+    width: int | None = Field(None, ge=1, description="Omitted: the model's native size.")
+    height: int | None = Field(None, ge=1, description="Omitted: the model's native size.")
     batch_size: int = Field(1, ge=1)
     n_iter: int = Field(1, ge=1)
     sampler_name: str | None = None
-    sampler_index: str | None = None  # deprecated alias of sampler_name
+    sampler_index: str | None = Field(None, description="Deprecated alias of sampler_name.")
     scheduler: str | None = None
     eta: float | None = Field(None, ge=0, le=1)
     send_images: bool = True
     save_images: bool = False
     override_settings: dict[str, Any] = Field(default_factory=dict)
-    # Accepted with any value: they do not change what is generated here.
+    # Accepted with any value: they change nothing here (enable_hr is refused when true).
     override_settings_restore_afterwards: bool = True
     do_not_save_samples: bool = False
     do_not_save_grid: bool = False
     enable_hr: bool = False
+    # Accepted only at their defaults (AT_DEFAULT).
+    restore_faces: bool | None = None
+    tiling: bool | None = None
+    subseed_strength: float | None = None
+    seed_resize_from_h: int | None = None
+    seed_resize_from_w: int | None = None
+    s_min_uncond: float | None = None
+    s_churn: float | None = None
+    s_tmin: float | None = None
+    s_tmax: float | None = None
+    s_noise: float | None = None
+    styles: list[str] | None = None
+    script_name: str | None = None
+    script_args: list[Any] | None = None
+    alwayson_scripts: dict[str, Any] | None = None
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float | None = None
+    disable_extra_networks: bool | None = None
+    firstpass_image: str | None = None
+    # Ignored whatever their value, as A1111 ignores them unless enable_hr is on, or because they
+    # only name things (subseed without strength, comments, task ids); still type-checked.
+    denoising_strength: float | None = Field(None, ge=0, le=1)
+    firstphase_width: int | None = Field(None, ge=0)
+    firstphase_height: int | None = Field(None, ge=0)
+    hr_scale: float | None = Field(None, ge=0)
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int | None = Field(None, ge=0)
+    hr_resize_x: int | None = Field(None, ge=0)
+    hr_resize_y: int | None = Field(None, ge=0)
+    hr_checkpoint_name: str | None = None
+    hr_sampler_name: str | None = None
+    hr_scheduler: str | None = None
+    hr_prompt: str | None = None
+    hr_negative_prompt: str | None = None
+    hr_additional_modules: list[str] | None = None
+    subseed: int | None = None
+    comments: dict[str, Any] | None = None
+    force_task_id: str | None = None
+    infotext: str | None = None
+    user: str | None = None
+    include_init_images: bool | None = None
 
 
 # Fields accepted only at these values (A1111's and webuiapi's defaults).
-_AT_DEFAULT: dict[str, tuple] = {
+AT_DEFAULT: dict[str, tuple] = {
     "restore_faces": (None, False),
     "tiling": (None, False),
-    "subseed_strength": (None, 0, 0.0),
+    "subseed_strength": (None, 0),
     "seed_resize_from_h": (None, -1, 0),
     "seed_resize_from_w": (None, -1, 0),
-    "s_churn": (None, 0, 0.0),
-    "s_tmin": (None, 0, 0.0),
-    "s_tmax": (None, 0, 0.0),
-    "s_noise": (None, 1, 1.0),
+    "s_min_uncond": (None, 0),
+    "s_churn": (None, 0),
+    "s_tmin": (None, 0),
+    "s_tmax": (None, 0),
+    "s_noise": (None, 1),
     "styles": (None, []),
     "script_name": (None, ""),
     "script_args": (None, []),
     "alwayson_scripts": (None, {}),
     "refiner_checkpoint": (None, ""),
-    "refiner_switch_at": (None, 0, 0.0),
+    "refiner_switch_at": (None, 0),
     "disable_extra_networks": (None, False),
     "firstpass_image": (None, ""),
 }
-# Ignored whatever their value: A1111 ignores them too unless enable_hr is on (refused above),
-# or they only name things (subseed without strength, comments, task ids).
-_IGNORED = {
-    "denoising_strength", "firstphase_width", "firstphase_height", "hr_scale", "hr_upscaler",
-    "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "hr_checkpoint_name", "hr_sampler_name",
-    "hr_scheduler", "hr_prompt", "hr_negative_prompt", "hr_additional_modules", "subseed", "comments",
-    "force_task_id", "infotext", "user", "include_init_images",
-}  # fmt: skip
 
 
 def _empty(value: Any) -> bool:
@@ -93,14 +132,14 @@ def check_unsupported(service: Service, body: Txt2ImgRequest) -> None:
             "enable_hr: hires fix is not supported by this service; generate at the target size instead",
             "enable_hr",
         )
+    for name, allowed in AT_DEFAULT.items():
+        value = getattr(body, name)
+        if value not in allowed:
+            raise Problem(
+                f"{name}: not supported by this service; leave it at its default {allowed[-1]!r}", name
+            )
     for name, value in (body.model_extra or {}).items():
-        if name in _AT_DEFAULT:
-            if value not in _AT_DEFAULT[name]:
-                raise Problem(
-                    f"{name}: not supported by this service; leave it at its default {_AT_DEFAULT[name][-1]!r}",
-                    name,
-                )
-        elif name not in _IGNORED and not _empty(value):
+        if not _empty(value):
             raise Problem(f"{name}: unknown or unsupported field (set to {value!r})", name)
     for key, value in body.override_settings.items():
         if key == "sd_model_checkpoint" and value in (service.model_id, _title(service)):
@@ -122,7 +161,7 @@ def _title(service: Service) -> str:
     return f"{service.model_id} [{rev[:10]}]" if rev else service.model_id
 
 
-@router.post("/txt2img")
+@router.post("/txt2img", responses=responses(*BODY, 401, 429, 500, 503, 504, a1111=True))
 async def txt2img(body: Txt2ImgRequest, request: Request, key_name: str = Depends(authenticate)):
     service: Service = request.app.state.service
     check_unsupported(service, body)
@@ -131,8 +170,8 @@ async def txt2img(body: Txt2ImgRequest, request: Request, key_name: str = Depend
     n = body.batch_size * body.n_iter
     params: GenParams = build_params(
         service.settings,
-        width=body.width,
-        height=body.height,
+        width=body.width or service.native_size[0],
+        height=body.height or service.native_size[1],
         n=n,
         steps=body.steps,
         guidance=body.cfg_scale,
@@ -140,7 +179,12 @@ async def txt2img(body: Txt2ImgRequest, request: Request, key_name: str = Depend
         schedule=body.scheduler,
         has_negative=bool(body.negative_prompt),
         eta=body.eta,
-        names={"n": "batch_size", "pixels": "batch_size", "scheduler": "sampler_name"},
+        names={
+            "n": "batch_size",
+            "pixels": "batch_size",
+            "scheduler": "sampler_name",
+            "schedule": "scheduler",
+        },
     )
     req = service.submit(
         params, body.prompt, body.negative_prompt, n, body.seed, key_name, request.state.request_id
@@ -167,7 +211,7 @@ async def txt2img(body: Txt2ImgRequest, request: Request, key_name: str = Depend
         "width": params.width,
         "height": params.height,
         "sampler_name": params.scheduler.sampler.name,
-        "scheduler": params.scheduler.schedule.name,
+        "scheduler": params.scheduler.schedule.label,
         "cfg_scale": params.guidance,
         "steps": params.steps,
         "batch_size": body.batch_size,
@@ -187,16 +231,19 @@ async def txt2img(body: Txt2ImgRequest, request: Request, key_name: str = Depend
         "is_using_inpainting_conditioning": False,
         "version": f"sdserve {__version__}",
     }
-    parameters = body.model_dump()
+    # The request as it ran: declared fields only (extras are empty or refused), the resolved
+    # sampler and schedule type under the same names as in info.
+    parameters = body.model_dump(exclude=set(body.model_extra or ()))
     parameters.update(
         steps=params.steps,
         sampler_name=params.scheduler.sampler.name,
-        scheduler=params.scheduler.schedule.name,
+        sampler_index=params.scheduler.sampler.name,
+        scheduler=params.scheduler.schedule.label,
     )
     return {"images": b64, "parameters": parameters, "info": json.dumps(info)}
 
 
-@router.get("/samplers")
+@router.get("/samplers", responses=responses(401, a1111=True))
 async def samplers(key_name: str = Depends(authenticate)):
     return [
         {"name": s.name, "aliases": list(s.aliases), "options": {"scheduler": s.default_schedule}}
@@ -204,7 +251,7 @@ async def samplers(key_name: str = Depends(authenticate)):
     ]
 
 
-@router.get("/schedulers")
+@router.get("/schedulers", responses=responses(401, a1111=True))
 async def schedulers(key_name: str = Depends(authenticate)):
     return [
         {"name": s.name, "label": s.label, "aliases": None, "default_rho": -1, "need_inner_model": False}
@@ -212,7 +259,7 @@ async def schedulers(key_name: str = Depends(authenticate)):
     ]
 
 
-@router.get("/sd-models")
+@router.get("/sd-models", responses=responses(401, a1111=True))
 async def sd_models(request: Request, key_name: str = Depends(authenticate)):
     service: Service = request.app.state.service
     path = service.settings.model
@@ -228,9 +275,8 @@ async def sd_models(request: Request, key_name: str = Depends(authenticate)):
     ]
 
 
-@router.get("/options")
-async def get_options(request: Request, key_name: str = Depends(authenticate)):
-    service: Service = request.app.state.service
+def current_options(service: Service) -> dict[str, Any]:
+    """The A1111 options this instance runs with; none can change."""
     return {
         "sd_model_checkpoint": _title(service),
         "sd_checkpoint_hash": service.settings.model_revision or None,
@@ -240,11 +286,17 @@ async def get_options(request: Request, key_name: str = Depends(authenticate)):
     }
 
 
-@router.post("/options")
+@router.get("/options", responses=responses(401, a1111=True))
+async def get_options(request: Request, key_name: str = Depends(authenticate)):
+    return current_options(request.app.state.service)
+
+
+@router.post("/options", responses=responses(*BODY, 401, a1111=True))
 async def set_options(body: dict[str, Any], request: Request, key_name: str = Depends(authenticate)):
     """Only no-op changes: one model per process, chosen by the operator."""
     service: Service = request.app.state.service
-    current = await get_options(request, key_name)
+    check_texts(body)
+    current = current_options(service)
     for key, value in body.items():
         if key == "sd_model_checkpoint" and value in (service.model_id, _title(service)):
             continue
@@ -253,7 +305,7 @@ async def set_options(body: dict[str, Any], request: Request, key_name: str = De
     return None
 
 
-@router.get("/progress")
+@router.get("/progress", responses=responses(401, a1111=True))
 async def progress(request: Request, key_name: str = Depends(authenticate)):
     service: Service = request.app.state.service
     engine = service.engine
@@ -285,6 +337,6 @@ async def progress(request: Request, key_name: str = Depends(authenticate)):
     }
 
 
-@router.get("/scripts")
+@router.get("/scripts", responses=responses(401, a1111=True))
 async def scripts(key_name: str = Depends(authenticate)):
     return {"txt2img": [], "img2img": []}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Literal
 
@@ -10,15 +11,16 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .engine import MAX_SEED, GenParams
+from .errors import BODY, responses
 from .images import Infotext, encode_b64_png, encode_png, expired
 from .service import Service, authenticate, new_id
 from .settings import parse_size
-from .validation import Problem, build_params, check_prompt
+from .validation import Problem, RequestModel, build_params, check_prompt
 
 router = APIRouter()
 
 
-class ImageGenerationRequest(BaseModel):
+class ImageGenerationRequest(RequestModel):
     """OpenAI's fields, plus negative_prompt, seed, steps, guidance_scale, scheduler."""
 
     model_config = ConfigDict(extra="forbid")
@@ -30,7 +32,7 @@ class ImageGenerationRequest(BaseModel):
     n: int = Field(1, ge=1, le=256, description="Images to generate (at most SDSERVE_MAX_IMAGES).")
     size: str | None = Field(
         None,
-        pattern=r"^\d{1,5}x\d{1,5}$",
+        pattern=r"^[0-9]{1,5}x[0-9]{1,5}$",
         description='"WxH", multiples of 8; omitted: the model\'s native size.',
     )
     response_format: Literal["b64_json", "url"] = "b64_json"
@@ -89,7 +91,7 @@ def params_for(service: Service, body: ImageGenerationRequest) -> tuple[GenParam
     if body.size:
         width, height = parse_size(body.size)
     else:
-        width, height = service.engine.model.native_size if service.engine.model else (512, 512)
+        width, height = service.native_size
     params = build_params(
         s,
         width=width,
@@ -107,7 +109,7 @@ def params_for(service: Service, body: ImageGenerationRequest) -> tuple[GenParam
 
 async def render(
     service: Service,
-    base_url: str,
+    base_url: str,  # of url results: Service.public_base
     body: ImageGenerationRequest,
     params: GenParams,
     seeds: list[int],
@@ -121,9 +123,8 @@ async def render(
             name = f"{new_id('img')}.png"
             png = await service.run_png(encode_png, image, text)
             await service.run_png(_write, service.settings.output_dir / name, png)
-            base = service.settings.public_url.rstrip("/") or base_url.rstrip("/")
             data.append(
-                {"url": f"{base}/v1/images/files/{name}", "revised_prompt": body.prompt, "seed": seed}
+                {"url": f"{base_url}/v1/images/files/{name}", "revised_prompt": body.prompt, "seed": seed}
             )
         else:
             data.append(
@@ -148,7 +149,12 @@ def _write(path, data: bytes) -> None:
     tmp.replace(path)
 
 
-@router.post("/v1/images/generations", response_model=ImagesResponse, response_model_exclude_none=True)
+@router.post(
+    "/v1/images/generations",
+    response_model=ImagesResponse,
+    response_model_exclude_none=True,
+    responses=responses(*BODY, 401, 404, 429, 500, 503, 504),
+)
 async def generations(body: ImageGenerationRequest, request: Request, key_name: str = Depends(authenticate)):
     service: Service = request.app.state.service
     params, _, _ = params_for(service, body)
@@ -156,19 +162,22 @@ async def generations(body: ImageGenerationRequest, request: Request, key_name: 
         params, body.prompt, body.negative_prompt or "", body.n, body.seed, key_name, request.state.request_id
     )
     images = await service.wait(request, req)
-    return await render(service, str(request.base_url), body, params, req.seeds, images)
+    return await render(service, service.public_base(request), body, params, req.seeds, images)
 
 
-@router.get("/v1/images/files/{name}")
+# The names new_id() gives written images; nothing else is ever looked up on disk.
+IMAGE_NAME = re.compile(r"[a-z0-9]{1,16}-[0-9]{1,12}-[0-9a-f]{16}\.png")
+
+
+@router.get(
+    "/v1/images/files/{name}",
+    response_class=FileResponse,
+    responses={200: {"content": {"image/png": {}}, "description": "The PNG."}, **responses(404)},
+)
 async def image_file(name: str, request: Request):
     """Images written for response_format=url. The random name is the capability (as OpenAI's signed URLs)."""
     service: Service = request.app.state.service
-    if (
-        service.settings.output_dir is None
-        or not name.endswith(".png")
-        or "/" in name
-        or name.startswith(".")
-    ):
+    if service.settings.output_dir is None or not IMAGE_NAME.fullmatch(name):
         raise Problem("no such image", "name", status=404, code="not_found")
     path = service.settings.output_dir / name
     # Past the retention it is gone, even before the next sweep removes the file.
@@ -177,7 +186,7 @@ async def image_file(name: str, request: Request):
     return FileResponse(path, media_type="image/png")
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=responses(401))
 async def models(request: Request, key_name: str = Depends(authenticate)):
     service: Service = request.app.state.service
     return {
@@ -186,7 +195,7 @@ async def models(request: Request, key_name: str = Depends(authenticate)):
     }
 
 
-@router.get("/v1/models/{model_id:path}")
+@router.get("/v1/models/{model_id:path}", responses=responses(401, 404))
 async def model(model_id: str, request: Request, key_name: str = Depends(authenticate)):
     service: Service = request.app.state.service
     if model_id != service.model_id:

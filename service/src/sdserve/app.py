@@ -14,19 +14,21 @@ from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .engine import Engine
+from .errors import Problem, error_body, responses
 from .images import sweep_outputs
 from .keys import KeyStore
 from .logs import request_id as request_id_var
 from .metrics import Metrics
 from .service import AuthError, Service, authenticate
 from .settings import Settings, point_caches_at
-from .validation import Problem
 
 log = logging.getLogger("sdserve.app")
 access = logging.getLogger("sdserve.access")
@@ -50,11 +52,21 @@ class BodyTooLarge(StarletteHTTPException):
         super().__init__(413, f"the request body is larger than {limit} bytes (SDSERVE_MAX_BODY_BYTES)")
 
 
+class BodyTimeout(StarletteHTTPException):
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            408,
+            f"the request body did not arrive within {seconds:g}s (SDSERVE_READ_TIMEOUT_S)",
+            headers={"Connection": "close"},
+        )
+
+
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 class RequestContext:
-    """Pure ASGI middleware: request id, body size limit, per-route metrics, one access log line."""
+    """Pure ASGI middleware: request id, body size and read-time limits, per-route metrics, one
+    access log line."""
 
     def __init__(self, app, service_ref) -> None:
         self.app = app
@@ -70,6 +82,7 @@ class RequestContext:
         token = request_id_var.set(rid)
         scope.setdefault("state", {})["request_id"] = rid
         limit = service.settings.max_body_bytes
+        read_timeout = service.settings.read_timeout_s
         status = {"code": 500}
         start = time.perf_counter()
 
@@ -78,13 +91,7 @@ class RequestContext:
             await _send_json(
                 send,
                 413,
-                _error_body(
-                    scope["path"],
-                    BodyTooLarge(limit).detail,
-                    None,
-                    "request_too_large",
-                    "invalid_request_error",
-                ),
+                error_body(scope["path"], BodyTooLarge(limit).detail, None, "request_too_large", 413),
                 rid,
             )
             status["code"] = 413
@@ -93,14 +100,25 @@ class RequestContext:
             return
 
         seen = 0
+        body_done = False
 
         async def limited_receive():
-            nonlocal seen
-            message = await receive()
+            """The body: counted against the limit, and each part due within the read timeout (a
+            slow client must not hold a connection). After it, only a disconnect is awaited."""
+            nonlocal seen, body_done
+            if body_done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), read_timeout)
+            except asyncio.TimeoutError:
+                raise BodyTimeout(read_timeout) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     raise BodyTooLarge(limit)
+                body_done = not message.get("more_body", False)
+            else:
+                body_done = True
             return message
 
         async def send_wrapper(message):
@@ -158,32 +176,15 @@ async def _send_json(send, status: int, body: dict, rid: str) -> None:
     await send({"type": "http.response.body", "body": data})
 
 
-def _error_body(path: str, message: str, param: str | None, code: str | None, type_: str) -> dict:
-    """OpenAI's error shape under /v1 and for the service's own routes; A1111's style under /sdapi."""
-    if path.startswith("/sdapi/"):
-        return {"error": code or type_, "detail": message, "param": param}
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-def _error_type(status: int) -> str:
-    if status in (401, 403):
-        return "authentication_error"
-    if status == 429:
-        return "rate_limit_error"
-    if status >= 500:
-        return "server_error"
-    return "invalid_request_error"
-
-
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Problem)
     async def problem(request: Request, exc: Problem):
-        body = _error_body(request.url.path, exc.message, exc.param, exc.code, _error_type(exc.status))
+        body = error_body(request.url.path, exc.message, exc.param, exc.code, exc.status)
         return JSONResponse(body, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(AuthError)
     async def auth(request: Request, exc: AuthError):
-        body = _error_body(request.url.path, exc.message, None, "invalid_api_key", "authentication_error")
+        body = error_body(request.url.path, exc.message, None, "invalid_api_key", 401)
         return JSONResponse(
             body,
             status_code=401,
@@ -192,55 +193,72 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation(request: Request, exc: RequestValidationError):
+        path = request.url.path
         errors = exc.errors()
         first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
         if first.get("type") == "json_invalid":
-            body = _error_body(
-                request.url.path,
-                f"malformed JSON: {first.get('ctx', {}).get('error', first['msg'])}",
-                None,
-                "invalid_json",
-                "invalid_request_error",
-            )
-            return JSONResponse(body, status_code=400)
+            message = f"malformed JSON: {first.get('ctx', {}).get('error', first['msg'])}"
+            return JSONResponse(error_body(path, message, None, "invalid_json", 400), status_code=400)
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         if not loc and first.get("loc", ())[:1] == ("body",):
             # No body, or a body that is not a JSON object (e.g. a missing Content-Type).
             message = "the request body must be a JSON object (Content-Type: application/json)"
-            return JSONResponse(
-                _error_body(request.url.path, message, None, "invalid_json", "invalid_request_error"),
-                status_code=400,
-            )
+            return JSONResponse(error_body(path, message, None, "invalid_json", 400), status_code=400)
         param = ".".join(loc) or None
         message = f"{param}: {first['msg']}" if param else first["msg"]
-        body = _error_body(
-            request.url.path, message, param, first.get("type") or "invalid_value", "invalid_request_error"
-        )
-        if request.url.path.startswith("/sdapi/"):
-            body["errors"] = [
-                {"loc": e.get("loc"), "msg": e.get("msg"), "type": e.get("type")} for e in errors
-            ]
+        field_errors = [
+            {
+                "loc": [p for p in e.get("loc", ()) if p != "body"],
+                "msg": e.get("msg", ""),
+                "type": e.get("type", ""),
+            }
+            for e in errors
+        ]
+        body = error_body(path, message, param, first.get("type") or "invalid_value", 422, field_errors)
         return JSONResponse(body, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
-        codes = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}
-        body = _error_body(
-            request.url.path, str(exc.detail), None, codes.get(exc.status_code), _error_type(exc.status_code)
+        codes = {
+            404: "not_found",
+            405: "method_not_allowed",
+            408: "request_timeout",
+            413: "request_too_large",
+        }
+        body = error_body(
+            request.url.path, str(exc.detail), None, codes.get(exc.status_code), exc.status_code
         )
-        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            # Starlette names only the first route's methods; a path may have several routes.
+            headers["Allow"] = ", ".join(allowed_methods(request))
+        return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
         log.exception("unhandled error")
-        body = _error_body(
-            request.url.path,
-            f"internal error ({type(exc).__name__}); see the server log",
-            None,
-            "internal_error",
-            "server_error",
+        message = f"internal error ({type(exc).__name__}); see the server log"
+        return JSONResponse(
+            error_body(request.url.path, message, None, "internal_error", 500), status_code=500
         )
-        return JSONResponse(body, status_code=500)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method the OpenAPI document gives for this request's path (Starlette's 405 names only
+    the first matching route's methods, and a path may have several routes)."""
+    methods: set[str] = set()
+    for template, operations in request.app.openapi()["paths"].items():
+        pattern = re.sub(r"\{[^}:]+(:path)?\}", lambda m: ".+" if m[1] else "[^/]+", template)
+        if re.fullmatch(pattern, request.url.path):
+            methods |= {method.upper() for method in operations}
+    return sorted(methods)
+
+
+class Health(BaseModel):
+    status: str
+    model: str | None = None
+    queue: int | None = None
+    error: str | None = None
 
 
 async def sweep_outputs_every(settings: Settings) -> None:
@@ -264,6 +282,7 @@ def create_app(settings: Settings, *, start_engine: bool = True) -> FastAPI:
     if settings.output_dir is not None:
         settings.output_dir.mkdir(parents=True, exist_ok=True)
     metrics = Metrics(settings.max_batch)
+    metrics.watch_keys(keys)
     engine = Engine(settings, metrics)
     service = Service(
         settings, engine, keys, metrics, ThreadPoolExecutor(max_workers=2, thread_name_prefix="sdserve-png")
@@ -291,10 +310,7 @@ def create_app(settings: Settings, *, start_engine: bool = True) -> FastAPI:
         try:
             yield
         finally:
-            log.info("draining: finishing queued and running work")
-            engine.refuse_new()
-            await service.jobs.drain(settings.drain_timeout_s)
-            finished = await asyncio.to_thread(engine.drain, settings.drain_timeout_s)
+            finished = await service.drain()  # begun at SIGTERM already when run by `sdserve serve`
             janitor.cancel()
             sweeper.cancel()
             service.png_pool.shutdown(wait=True)
@@ -312,13 +328,27 @@ def create_app(settings: Settings, *, start_engine: bool = True) -> FastAPI:
     app.add_middleware(RequestContext, service_ref=lambda: service)
     _install_error_handlers(app)
 
-    @app.get("/livez", tags=["health"])
+    health_responses = {503: {"model": Health, "description": "Not live (failed start-up) or not ready."}}
+
+    @app.get(
+        "/livez",
+        tags=["health"],
+        response_model=Health,
+        response_model_exclude_none=True,
+        responses=health_responses,
+    )
     async def livez():
         if engine.state == "failed":
             return JSONResponse({"status": "failed", "error": engine.error}, status_code=503)
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"])
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        response_model=Health,
+        response_model_exclude_none=True,
+        responses=health_responses,
+    )
     async def readyz():
         if engine.ready:
             return {"status": "ready", "model": service.model_id, "queue": engine.queue_depth}
@@ -326,17 +356,39 @@ def create_app(settings: Settings, *, start_engine: bool = True) -> FastAPI:
             {"status": engine.state, "error": engine.error}, status_code=503, headers={"Retry-After": "5"}
         )
 
-    async def metrics_key(request: Request) -> str:
-        return "public" if settings.metrics_public else authenticate(request)
+    metrics_auth = [] if settings.metrics_public else [Depends(authenticate)]
 
-    @app.get("/metrics", tags=["health"])
-    async def metrics_route(_key: str = Depends(metrics_key)):
+    @app.get(
+        "/metrics",
+        tags=["health"],
+        dependencies=metrics_auth,
+        response_class=Response,
+        responses={
+            200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+                  "description": "Prometheus text exposition format."},
+            **({} if settings.metrics_public else responses(401)),
+        },
+    )  # fmt: skip
+    async def metrics_route():
         service.jobs.update_metrics()
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    from . import api_a1111, api_openai, jobs
+    from . import api_a1111, api_openai, jobs, openapi
 
     app.include_router(api_openai.router, tags=["openai"])
     app.include_router(api_a1111.router, tags=["a1111"])
     app.include_router(jobs.router, tags=["jobs"])
+
+    def document() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = openapi.describe(
+                get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes),
+                settings,
+                service.model_id,
+                api_a1111.AT_DEFAULT,
+                api_a1111.current_options(service),
+            )
+        return app.openapi_schema
+
+    app.openapi = document
     return app

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -62,8 +63,6 @@ def _add_setting_options(parser: argparse.ArgumentParser, only: list[str] | None
 
 
 def cmd_serve(args: argparse.Namespace, names: list[str]) -> int:
-    import uvicorn
-
     from .app import StartupRefused, create_app
     from .keys import KeyFileError
     from .logs import setup_logging
@@ -76,18 +75,9 @@ def cmd_serve(args: argparse.Namespace, names: list[str]) -> int:
     except (ModelError, StartupRefused, KeyFileError) as e:
         print(f"sdserve: {e}", file=sys.stderr)
         return 2
-    log_config = setup_logging(settings.log_level)
-    config = uvicorn.Config(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_config=log_config,
-        lifespan="on",
-        timeout_graceful_shutdown=settings.drain_timeout_s,
-        server_header=False,
-        proxy_headers=False,
-    )
-    server = uvicorn.Server(config)
+    from .server import build_server
+
+    server = build_server(app, settings, log_config=setup_logging(settings.log_level, settings.log_prompts))
     engine = app.state.service.engine
     engine.on_failure = lambda message: setattr(server, "should_exit", True)
     # uvicorn re-raises the captured SIGTERM after its graceful shutdown; with the default
@@ -105,6 +95,12 @@ def cmd_serve(args: argparse.Namespace, names: list[str]) -> int:
             file=sys.stderr,
         )
         return 3
+    if not engine.stop(timeout=0):
+        # The worker is still inside a pipeline step it could not leave (the drain said so): end
+        # now, as torch's threads would abort the interpreter's own exit (SIGABRT).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

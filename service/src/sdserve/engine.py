@@ -45,6 +45,10 @@ class QueueFull(EngineError):
     code = "queue_full"
 
 
+class KeyQueueFull(QueueFull):
+    code = "key_queue_full"
+
+
 class NotReady(EngineError):
     status = 503
     code = "not_ready"
@@ -68,6 +72,18 @@ class Cancelled(EngineError):
 class GenerationFailed(EngineError):
     status = 500
     code = "generation_failed"
+
+
+class InputFailed(EngineError):
+    """A request whose generation failed alone, on its own input, while its batch-mates succeeded."""
+
+    status = 422
+    code = "invalid_input"
+
+
+# Errors a pipeline raises on what it was given (a tokenizer on odd text, a shape it cannot make):
+# when one request fails alone with one of these, the fault is its input, and it gets a 4xx.
+INPUT_ERRORS = (ValueError, TypeError, IndexError, KeyError, OverflowError)
 
 
 @dataclass(frozen=True)
@@ -111,8 +127,13 @@ class GenRequest:
         return len(self.seeds)
 
     @property
+    def succeeded(self) -> bool:
+        return self.future.done() and not self.future.cancelled() and self.future.exception() is None
+
+    @property
     def progress(self) -> float:
-        if self.future.done():
+        """Fraction done; a failed or cancelled request keeps the fraction it reached."""
+        if self.succeeded:
             return 1.0
         return (self.done + (self.step / self.params.steps if self.taken > self.done else 0)) / self.n
 
@@ -191,25 +212,46 @@ class Engine:
                 self.state = "draining"
             self.metrics.ready.set(0)
 
-    def drain(self, timeout: float | None = None) -> bool:
-        """Refuse new work, finish what is queued and running, stop the worker.
-        Returns False when `timeout` ran out first (what was left failed with Draining)."""
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing running."""
+        return not self._queue and not self._running
+
+    def abort(self, err: EngineError) -> int:
+        """Fail every queued and running request with `err`; a running batch stops at its next
+        step. Returns how many requests were failed."""
         with self._cond:
-            if self.state in ("ready", "warming", "loading", "created"):
-                self.state = "draining"
+            left = list({id(r): r for r in [*self._queue, *self._running]}.values())
+            self._queue.clear()
+            for req in left:
+                req.cancelled = True
+            self._cond.notify_all()
+        for req in left:
+            self._fail(req, err)
+        return len(left)
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Let the worker finish what is queued, then end; True once the worker has ended."""
+        with self._cond:
             self._stop = True
             self._cond.notify_all()
         if self._thread is None:
             return True
         self._thread.join(timeout)
-        if self._thread.is_alive():
-            with self._cond:
-                left = list(self._queue)
-                self._queue.clear()
-            for req in left:
-                self._fail(req, Draining("the service stopped before this request ran"))
-            return False
-        return True
+        return not self._thread.is_alive()
+
+    def drain(self, timeout: float | None = None, grace: float = 10.0) -> bool:
+        """Refuse new work and finish what is queued and running within `timeout`; past it, fail
+        the rest with Draining (503), stop the running batch at its next step, and give the worker
+        `grace` seconds to end. Returns False when work had to be failed."""
+        self.refuse_new()
+        clean = self.stop(timeout)
+        if not clean:
+            failed = self.abort(Draining("the service stopped before this request finished; retry"))
+            log.warning("drain timeout passed: %d requests failed with 503", failed)
+            if not self.stop(grace):
+                log.error("the worker did not stop within %gs of the drain timeout", grace)
+        return clean
 
     def _main(self) -> None:
         try:
@@ -279,7 +321,9 @@ class Engine:
         *,
         key_name: str = "-",
         request_id: str = "-",
+        key_queue_limit: int | None = None,
     ) -> GenRequest:
+        """Queue a request. `key_queue_limit`: most requests one key may have waiting."""
         req = GenRequest(params, prompt, negative_prompt, seeds, key_name=key_name, request_id=request_id)
         with self._cond:
             if self.state == "draining" or self._stop:
@@ -293,6 +337,13 @@ class Engine:
                 raise QueueFull(
                     f"the queue is full ({self.settings.queue_size} requests waiting); retry later"
                 )
+            if key_queue_limit is not None:
+                waiting = sum(1 for r in self._queue if r.key_name == key_name)
+                if waiting >= key_queue_limit:
+                    self.metrics.rejected.labels("key_queue_full").inc()
+                    raise KeyQueueFull(
+                        f"this key has {waiting} requests waiting, its limit (SDSERVE_MAX_QUEUED_PER_KEY); retry later"
+                    )
             self._queue.append(req)
             self.metrics.queue_depth.set(len(self._queue))
             self._cond.notify_all()
@@ -436,13 +487,38 @@ class Engine:
             self._run(items[half:])
             return
         except Exception as e:
-            log.exception(
-                "generation failed", extra={"request_ids": sorted({r.request_id for r, _ in items})}
-            )
             self._running = []
-            self.metrics.failures.labels("error").inc()
-            for req in {id(r): r for r, _ in items}.values():
-                self._fail(req, GenerationFailed(f"generation failed: {type(e).__name__}: {e}"))
+            distinct = list({id(r): r for r, _ in items}.values())
+            if len(distinct) > 1:
+                # One request's input can fail a whole batch (a tokenizer on odd text): run each
+                # request alone, so that only the culprit fails.
+                log.warning(
+                    "a batch of %d requests failed (%s); running each alone",
+                    len(distinct),
+                    type(e).__name__,
+                    extra={"request_ids": sorted(r.request_id for r in distinct)},
+                )
+                for req in distinct:
+                    self._run([it for it in items if it[0] is req])
+                return
+            req = distinct[0]
+            own_input = isinstance(e, INPUT_ERRORS)
+            self.metrics.failures.labels("input" if own_input else "error").inc()
+            # The exception's text may quote the input: the log gets its type (and, for what is
+            # not an input error, the traceback), never the prompt.
+            log.error(
+                "generation failed: %s",
+                type(e).__name__,
+                exc_info=not own_input,
+                extra={"request_ids": [req.request_id]},
+            )
+            if own_input:
+                err: EngineError = InputFailed(
+                    f"this request's input could not be generated ({type(e).__name__}); check the prompt and parameters"
+                )
+            else:
+                err = GenerationFailed(f"generation failed: {type(e).__name__}")
+            self._fail(req, err)
             return
         finally:
             self._running = []

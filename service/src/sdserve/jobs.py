@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 
 from .api_openai import ImageGenerationRequest, params_for, render
 from .engine import EngineError, GenRequest
+from .errors import BODY, responses
 from .service import Service, authenticate, new_id
 from .validation import Problem
 
@@ -74,6 +75,16 @@ class JobStore:
                 code="too_many_jobs",
                 headers={"Retry-After": "5"},
             )
+        if len(self.service.keys) > 1:  # shares matter only between keys
+            held = sum(1 for j in self.jobs.values() if j.owner == key_name)
+            limit = self.service.settings.per_key_limits()[1]
+            if held >= limit:
+                raise Problem(
+                    f"this key holds {held} jobs, its limit (SDSERVE_MAX_JOBS_PER_KEY); delete finished ones, or retry later",
+                    status=429,
+                    code="too_many_jobs_for_key",
+                    headers={"Retry-After": "5"},
+                )
         params, _, _ = params_for(self.service, body)
         req = self.service.submit(
             params, body.prompt, body.negative_prompt or "", body.n, body.seed, key_name, request_id
@@ -136,32 +147,38 @@ class JobStore:
         for status, count in counts.items():
             self.service.metrics.jobs.labels(status).set(count)
 
+    async def remove(self, job: Job) -> None:
+        """Cancel a queued or running job and forget it."""
+        if job.status in ("queued", "running"):
+            self.service.engine.cancel(job.req)
+            if job.task:
+                await asyncio.wait({job.task}, timeout=5)
+        self.jobs.pop(job.id, None)
+
     async def drain(self, timeout: float) -> None:
         tasks = [j.task for j in self.jobs.values() if j.task and not j.task.done()]
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
 
 
-@router.post("/v1/jobs", status_code=202)
+@router.post("/v1/jobs", status_code=202, responses=responses(*BODY, 401, 404, 429, 503))
 async def create_job(body: ImageGenerationRequest, request: Request, key_name: str = Depends(authenticate)):
     service: Service = request.app.state.service
-    job = service.jobs.create(body, str(request.base_url), key_name, request.state.request_id)
+    job = service.jobs.create(body, service.public_base(request), key_name, request.state.request_id)
     return JSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
-@router.get("/v1/jobs/{job_id}")
+@router.get("/v1/jobs/{job_id}", responses=responses(401, 404))
 async def get_job(job_id: str, request: Request, key_name: str = Depends(authenticate)):
     service: Service = request.app.state.service
     return service.jobs.get(job_id, key_name).view()
 
 
-@router.delete("/v1/jobs/{job_id}")
-async def cancel_job(job_id: str, request: Request, key_name: str = Depends(authenticate)):
-    """Cancel a queued or running job (a running batch stops when all its requests are cancelled)."""
+@router.delete("/v1/jobs/{job_id}", responses=responses(401, 404))
+async def delete_job(job_id: str, request: Request, key_name: str = Depends(authenticate)):
+    """Cancel a queued or running job and remove it (a running batch stops at its next step when all
+    its requests are cancelled); answers the job as it ended. Afterwards the id answers 404."""
     service: Service = request.app.state.service
     job = service.jobs.get(job_id, key_name)
-    if job.status in ("queued", "running"):
-        service.engine.cancel(job.req)
-        if job.task:
-            await asyncio.wait({job.task}, timeout=5)
+    await service.jobs.remove(job)
     return job.view()

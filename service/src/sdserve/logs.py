@@ -6,6 +6,7 @@ import contextvars
 import importlib
 import json
 import logging
+import re
 import sys
 import time
 
@@ -24,6 +25,27 @@ def quiet_library_notices() -> None:
     logger = logging.getLogger("transformers.utils.import_utils")
     if _not_a_torchvision_notice not in logger.filters:
         logger.addFilter(_not_a_torchvision_notice)
+
+
+# diffusers warns "The following part of your input was truncated because CLIP can only handle
+# sequences up to 77 tokens: <the cut-off prompt text>" (and alike for other text encoders).
+_TRUNCATED_TEXT = re.compile(r"(part of your input was truncated because[^:]*):.*", re.S)
+REDACTED = "[text not logged; SDSERVE_LOG_PROMPTS=true logs it]"
+
+
+class RedactPrompts(logging.Filter):
+    """With prompt logging off, no prompt text leaves through a library's log line either. The
+    service's own lines never carry prompts unless LOG_PROMPTS is on; libraries' lines that quote
+    the input are cut back to what they say about it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("sdserve"):
+            return True
+        message = record.getMessage()
+        redacted = _TRUNCATED_TEXT.sub(rf"\1: {REDACTED}", message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -46,10 +68,12 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
-def setup_logging(level: str = "info") -> dict:
+def setup_logging(level: str = "info", log_prompts: bool = False) -> dict:
     """Configure our loggers and return a uvicorn log_config that uses the same format."""
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(JsonFormatter())
+    if not log_prompts:
+        handler.addFilter(RedactPrompts())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

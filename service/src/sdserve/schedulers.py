@@ -22,6 +22,7 @@ class Sampler:
     default_schedule: str = "uniform"  # what A1111's "automatic" picks for this sampler
     ancestral: bool = False
     needs: str | None = None  # an optional module the diffusers scheduler needs
+    max_steps: int | None = None  # most steps the diffusers scheduler accepts, where it has a limit
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,8 @@ SAMPLERS: tuple[Sampler, ...] = (
     Sampler("PNDM", "PNDMScheduler", ("PLMS", "plms", "pndm")),
     Sampler("UniPC", "UniPCMultistepScheduler", ("unipc",)),
     Sampler("DEIS", "DEISMultistepScheduler", ("deis",), {"algorithm_type": "deis"}),
-    Sampler("LCM", "LCMScheduler", ("lcm",)),
+    # LCMScheduler refuses more steps than its original_inference_steps (50).
+    Sampler("LCM", "LCMScheduler", ("lcm",), max_steps=50),
 )
 # Offer only what this install can run (scipy is optional).
 SAMPLERS = tuple(s for s in SAMPLERS if s.needs is None or importlib.util.find_spec(s.needs))
@@ -75,7 +77,12 @@ SCHEDULES: tuple[Schedule, ...] = (
 
 
 class UnknownScheduler(ValueError):
-    """The message lists the valid names."""
+    """The message lists the valid names; `part` says which input was wrong: "sampler" (a sampler
+    or a combined name) or "schedule" (the separate schedule type)."""
+
+    def __init__(self, message: str, part: str = "sampler") -> None:
+        super().__init__(message)
+        self.part = part
 
 
 def _norm(text: str) -> str:
@@ -138,10 +145,14 @@ class SchedulerChoice:
 
 
 def resolve(
-    sampler: str | None, schedule: str | None = None, *, field_name: str = "scheduler"
+    sampler: str | None,
+    schedule: str | None = None,
+    *,
+    field_name: str = "scheduler",
+    schedule_field: str = "scheduler",
 ) -> SchedulerChoice:
     """Resolve A1111-style names. `sampler` may be a combined name ("DPM++ 2M Karras")
-    when `schedule` is None or "automatic"."""
+    when `schedule` is None or "automatic". Messages name the request's fields."""
     if not sampler or not sampler.strip():
         raise UnknownScheduler(f"{field_name}: empty name")
     key = _norm(sampler)
@@ -155,21 +166,23 @@ def resolve(
                 break
     if found is None:
         raise UnknownScheduler(f"{field_name}: unknown sampler {sampler!r}; {valid_names_text()}")
+    part = "sampler"  # which input chose the schedule type
     if schedule is not None and _norm(schedule) not in ("", "automatic"):
         explicit = _SCHEDULE_BY_NAME.get(_norm(schedule))
         if explicit is None:
             names = ", ".join(s.name for s in SCHEDULES)
-            raise UnknownScheduler(f"scheduler: unknown schedule type {schedule!r}; valid: {names}")
-        if sched is not None and sched != explicit:
             raise UnknownScheduler(
-                f"{field_name}: {sampler!r} names schedule {sched.label} but scheduler is {schedule!r}"
+                f"{schedule_field}: unknown schedule type {schedule!r}; valid: {names}", "schedule"
             )
-        sched = explicit
+        # A combined name's schedule type wins over the separate one, as in A1111.
+        part = "sampler" if sched is not None else "schedule"
+        sched = sched or explicit
     if sched is None or sched.name == "automatic":
         sched = _SCHEDULE_BY_NAME[found.default_schedule]
     if not _supports(found, sched):
         raise UnknownScheduler(
-            f"{field_name}: sampler {found.name!r} does not support schedule type {sched.label!r}; "
-            f"it supports: {', '.join(s.label for s in SCHEDULES if _supports(found, s))}"
+            f"{schedule_field if part == 'schedule' else field_name}: sampler {found.name!r} does not support schedule type {sched.label!r}; "
+            f"it supports: {', '.join(s.label for s in SCHEDULES if _supports(found, s))}",
+            part,
         )
     return SchedulerChoice(found, sched)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,11 +26,15 @@ def default_cache_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"sdserve-cache-{os.getuid()}"
 
 
+_SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")
+
+
 def parse_size(text: str) -> tuple[int, int]:
-    parts = text.strip().lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    """ "WxH" in ASCII digits (str.isdigit and int() would take fullwidth or Arabic-Indic ones)."""
+    m = _SIZE.fullmatch(text.strip().lower())
+    if not m:
         raise ValueError(f"size must look like 512x512, got {text!r}")
-    return int(parts[0]), int(parts[1])
+    return int(m[1]), int(m[2])
 
 
 class Settings(BaseSettings):
@@ -83,6 +88,21 @@ class Settings(BaseSettings):
         None, description="File of key hashes, `sha256:<hex> <name>` a line; re-read on SIGHUP."
     )
     metrics_public: bool = Field(False, description="Serve /metrics without a key.")
+    read_timeout_s: float = Field(
+        30,
+        gt=0,
+        le=3600,
+        description="A client must send a request's headers, and then its body, within this long; "
+        "a slower one is disconnected (headers) or answered 408 (body).",
+    )
+    idle_timeout_s: float = Field(
+        5, gt=0, le=3600, description="An idle keep-alive connection is closed after this long."
+    )
+    trusted_proxies: str = Field(
+        "",
+        description="Comma-separated addresses or networks of proxies whose X-Forwarded-Proto and "
+        "X-Forwarded-Host build url results when PUBLIC_URL is unset; others' headers are ignored.",
+    )
 
     # Engine
     max_batch: int = Field(8, ge=1, le=64, description="Most images one pipeline call generates.")
@@ -117,6 +137,18 @@ class Settings(BaseSettings):
     )
     max_jobs: int = Field(
         1000, ge=1, description="Most async jobs kept at once (queued, running or finished)."
+    )
+    max_jobs_per_key: int = Field(
+        0,
+        ge=0,
+        description="Most async jobs one API key may hold while the key file holds several keys "
+        "(0: half of MAX_JOBS), so that one key cannot take every slot.",
+    )
+    max_queued_per_key: int = Field(
+        0,
+        ge=0,
+        description="Most requests one API key may have waiting while the key file holds several keys "
+        "(0: half of QUEUE_SIZE), so that one key cannot fill the queue.",
     )
 
     # Limits
@@ -161,6 +193,16 @@ class Settings(BaseSettings):
                 )
         return v
 
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, v: str) -> str:
+        for part in filter(None, (p.strip() for p in v.split(","))):
+            try:
+                ipaddress.ip_network(part, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted proxy {part!r}: not an IP address or network") from None
+        return v
+
     @field_validator("host")
     @classmethod
     def _host(cls, v: str) -> str:
@@ -174,7 +216,29 @@ class Settings(BaseSettings):
             raise ValueError(f"default_steps ({self.default_steps}) is above max_steps ({self.max_steps})")
         if self.max_pixels < 64 * 64:
             raise ValueError("max_pixels must allow one 64x64 image")
+        if self.max_jobs_per_key > self.max_jobs:
+            raise ValueError(
+                f"max_jobs_per_key ({self.max_jobs_per_key}) is above max_jobs ({self.max_jobs})"
+            )
+        if self.max_queued_per_key > self.queue_size:
+            raise ValueError(
+                f"max_queued_per_key ({self.max_queued_per_key}) is above queue_size ({self.queue_size})"
+            )
         return self
+
+    def per_key_limits(self) -> tuple[int, int]:
+        """(queued requests, jobs) one key may hold when several keys share the service."""
+        return (
+            self.max_queued_per_key or max(1, -(-self.queue_size // 2)),
+            self.max_jobs_per_key or max(1, -(-self.max_jobs // 2)),
+        )
+
+    def trusted_proxy_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [
+            ipaddress.ip_network(p.strip(), strict=False)
+            for p in self.trusted_proxies.split(",")
+            if p.strip()
+        ]
 
     def warmup_size_list(self) -> list[tuple[int, int]]:
         return [parse_size(p) for p in self.warmup_sizes.split(",") if p.strip()]
