@@ -162,14 +162,15 @@ def test_unit_address_families_are_restricted(host):
     assert set(value.split()) == {"AF_UNIX", "AF_INET", "AF_INET6"}, value
 
 
-def test_unit_stop_timeout_exceeds_the_drain(host):
+def test_unit_stop_timeout_covers_the_drain_and_the_stop(host):
     stop = host.check_output("systemctl show sdserve@0.service --property=TimeoutStopUSec --value")
     env = host.file(f"{ETC}/sdserve.env").content_string
     drain = float(re.search(r"^SDSERVE_DRAIN_TIMEOUT_S=(\S+)$", env, re.MULTILINE)[1])
     minutes = re.search(r"(\d+)min", stop)
     seconds = re.search(r"(\d+)s", stop)
     total = (int(minutes[1]) * 60 if minutes else 0) + (int(seconds[1]) if seconds else 0)
-    assert total > drain, f"TimeoutStopSec {stop} is not above the drain {drain}s"
+    # sdserve exits within 20 s of its drain running out (STOP_GRACE_S); systemd must wait that long.
+    assert total >= drain + 20, f"TimeoutStopSec {stop} is below the drain {drain}s + 20 s"
 
 
 def test_security_exposure_is_at_most_2(host):
