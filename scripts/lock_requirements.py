@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 REQ_DIR = ROOT / "service" / "requirements"
 PYPROJECT = ROOT / "service" / "pyproject.toml"
 TORCH_VERSION = "2.13.0"
+# The last torch line with Python 3.10 wheels (2.15 dropped 3.10): Ubuntu 22.04's own python3.
+TORCH_VERSION_PY310 = "2.14.1"
 # glibc 2.28 or newer: Ubuntu 22.04 (2.35), Debian 12 (2.36), Ubuntu 24.04 (2.39).
 PLATFORM = "x86_64-manylinux_2_28"
 # The CPU torch build is published only on PyTorch's own index; here it comes from a local wheel.
@@ -44,10 +46,13 @@ class Target:
 TARGETS = {
     t.name: t
     for t in (
-        Target("cpu-py311", "3.11", f"torch=={TORCH_VERSION}+cpu", "CPU nodes, Debian 12 and Ubuntu 22.04"),
-        # Ubuntu 22.04 runs the 3.11 locks on its python3.11 package: diffusers 0.42 needs Python 3.11+.
-        Target("cuda-py311", "3.11", f"torch=={TORCH_VERSION}", "NVIDIA nodes, Debian 12 and Ubuntu 22.04"),
-        Target("cuda-py312", "3.12", f"torch=={TORCH_VERSION}", "NVIDIA nodes, Ubuntu 24.04"),
+        Target("cpu-py311", "3.11", f"torch=={TORCH_VERSION}+cpu", "CPU nodes, Debian 12"),
+        Target("cuda-py311", "3.11", f"torch=={TORCH_VERSION}", "NVIDIA nodes, Debian 12"),
+        # Ubuntu 22.04's python3 is 3.10 (its python3.11 is the 3.11.0rc1 pre-release, on which torch
+        # fails to import): the newest stack with 3.10 wheels. No CPU torch for 3.10 can be reached
+        # here, so CPU nodes on 22.04 install this CUDA lock too (torch's CPU kernels run without a GPU).
+        Target("cuda-py310", "3.10", f"torch=={TORCH_VERSION_PY310}", "NVIDIA and CPU nodes, Ubuntu 22.04"),
+        Target("cuda-py312", "3.12", f"torch=={TORCH_VERSION}", "NVIDIA and CPU nodes, Ubuntu 24.04"),
     )
 }
 CONTROLLER = "controller"
