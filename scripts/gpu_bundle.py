@@ -14,6 +14,7 @@ controller lock for the gpu_runtime tier, and a wheel of sdserve itself.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import shutil
@@ -33,7 +34,18 @@ MACHINE_HAS = (
 )
 KEEP_THE_MACHINES = re.compile(rf"^({TORCH_AND_ITS_OWN}|{MACHINE_HAS})$")
 FROM_CONTROLLER_LOCK = ("pytest-testinfra",)
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
+
+
+def _wheelhouse_module():
+    """The python_env role's wheelhouse builder: one list of the platform tags a node accepts."""
+    path = ROOT / "roles/python_env/files/build_wheelhouse.py"
+    spec = importlib.util.spec_from_file_location("build_wheelhouse", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+PLATFORMS = _wheelhouse_module().PLATFORMS
 LIMIT_MIB = 48  # the device tool carries 64 MiB with the working tree
 
 

@@ -3,26 +3,27 @@
 
     build_wheelhouse.py LOCK PYVER(e.g. 311) WHEELHOUSE_DIR [--find-links DIR]...
 
-Writes WHEELHOUSE_DIR/<lock name>-<lock sha256[:12]>/ (wheels, checked against the lock's hashes)
-and <same>.tar beside it; does nothing when the tar exists. Prints {"tar": ..., "changed": ...}.
+Downloads into WHEELHOUSE_DIR/<lock name>-<lock sha256[:12]>/ (wheels, checked against the lock's
+hashes), packs them as <same>.tar beside it and keeps only the tar; does nothing when the tar exists.
+Prints {"tar": ..., "changed": ...}.
 """
 
 import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
-# Tags a glibc 2.28+ x86_64 node accepts; pip download needs them spelled out to fetch for another host.
+# Tags a glibc 2.28+ x86_64 node accepts; pip download needs them spelled out to fetch for another host,
+# every one of them: NVIDIA's CUDA wheels are tagged manylinux_2_25, for one.
 PLATFORMS = [
-    "manylinux_2_28_x86_64",
-    "manylinux_2_27_x86_64",
-    "manylinux_2_17_x86_64",
+    *(f"manylinux_2_{minor}_x86_64" for minor in range(28, 4, -1)),
     "manylinux2014_x86_64",
-    "manylinux_2_5_x86_64",
+    "manylinux2010_x86_64",
     "manylinux1_x86_64",
     "linux_x86_64",
 ]
@@ -74,6 +75,8 @@ def main() -> int:
             tf.add(f, arcname=f.name)
         tf.add(dest / ".complete", arcname=".complete")
     part.rename(tar)
+    # The tar is what nodes get; the download beside it would double the cache (3 GB for a CUDA lock).
+    shutil.rmtree(dest)
     print(json.dumps({"tar": str(tar), "changed": True}))
     return 0
 
