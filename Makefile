@@ -7,6 +7,7 @@ VENV        ?= .venv
 BIN         := $(VENV)/bin
 PYTHON      ?= python3
 INVENTORY   ?= inventory
+OS          ?= debian-12
 PLAYBOOK_ARGS ?=
 
 export SDNODE_STATE_DIR ?= $(CURDIR)/.sdnode
@@ -58,11 +59,11 @@ test: lint unit integration ## everything CI runs
 
 test-fast: lint unit ## lint and unit tests only (no nodes)
 
-demo: host-setup ## the main job on a local throwaway node, CPU mode, tiny model
-	$(BIN)/python -m sdnode.demo
+demo: host-setup ## the main job on a local throwaway node (OS=ubuntu-22.04|ubuntu-24.04; default Debian 12)
+	$(BIN)/python -m sdnode.demo --os $(OS)
 
-demo-clean: setup ## remove the demo node
-	$(BIN)/python -m sdnode.demo --clean
+demo-clean: setup ## remove the demo node (the same OS=)
+	$(BIN)/python -m sdnode.demo --clean --os $(OS)
 
 deploy: setup ## site.yml against INVENTORY
 	$(BIN)/ansible-playbook -i $(INVENTORY) playbooks/site.yml $(PLAYBOOK_ARGS)

@@ -129,11 +129,32 @@ def _recorded(argv: list[str], name: str, timeout: int) -> PlaybookRun:
     return run
 
 
-def assert_pytest_passes(argv: list[str]) -> None:
-    """A pytest run (the testinfra suite, directly or through make) from the repo root passes."""
+def assert_pytest_passes(argv: list[str]) -> str:
+    """A pytest run (the testinfra suite, directly or through make) from the repo root passes; its output."""
     proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout, proc.stdout[-3000:]
+    return proc.stdout
+
+
+def sdnode(*args: str, state: Path = STATE, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    """The day-2 command line, as an operator runs it, with the given controller state."""
+    env = dict(os.environ, SDNODE_STATE_DIR=str(state))
+    env.pop("SDNODE_INVENTORY", None)
+    return subprocess.run([tool("sdnode"), *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+def explain(proc: subprocess.CompletedProcess[str]) -> str:
+    command = " ".join(proc.args)
+    return (
+        f"$ {command}\nrc={proc.returncode}\n"
+        f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-3000:]}"
+    )
+
+
+def verify(inventory: Path) -> str:
+    """`make verify` as the README shows it: the testinfra suite against the inventory; its output."""
+    return assert_pytest_passes(["make", "verify", f"INVENTORY={inventory}"])
 
 
 def assert_converged(run: PlaybookRun) -> None:
@@ -164,6 +185,9 @@ class TestNodes:
     def inventory(self, path: Path, nodes: list[str], host_vars: dict[str, dict] | None = None) -> Path:
         """An inventory dir holding only `nodes`, with the local group_vars and optional host_vars."""
         return build_inventory(path, nodes, LOCAL_GROUP_VARS, host_vars)
+
+    def down(self, name: str) -> None:
+        subprocess.run([tool("testnode"), "down", name], check=True, timeout=300)
 
     def down_all(self) -> None:
         for name in reversed(self.started):

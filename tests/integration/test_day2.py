@@ -21,7 +21,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from .conftest import STATE, tool
+from .conftest import STATE, explain, sdnode, tool
 
 if TYPE_CHECKING:  # imported for the annotation only: pytest would try to collect the class
     from .conftest import TestNodes
@@ -36,20 +36,6 @@ class Serving:
     node: str
     inventory: Path
     state: Path  # where the deploy left api-keys/ and manifests/
-
-
-def sdnode(*args: str, state: Path, timeout: int = 600) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, SDNODE_STATE_DIR=str(state))
-    env.pop("SDNODE_INVENTORY", None)
-    return subprocess.run([tool("sdnode"), *args], capture_output=True, text=True, env=env, timeout=timeout)
-
-
-def explain(proc: subprocess.CompletedProcess[str]) -> str:
-    command = " ".join(proc.args)
-    return (
-        f"$ {command}\nrc={proc.returncode}\n"
-        f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-3000:]}"
-    )
 
 
 @pytest.fixture(scope="module")

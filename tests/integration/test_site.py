@@ -11,9 +11,9 @@ from .conftest import (
     ansible_playbook,
     assert_converged,
     assert_idempotent,
-    assert_pytest_passes,
     make_target,
     tool,
+    verify,
 )
 
 pytestmark = pytest.mark.integration
@@ -37,8 +37,7 @@ def test_check_mode_on_converged_node_reports_no_change(deployed: Deployment) ->
 
 
 def test_verify_suite_passes_against_the_node(deployed: Deployment) -> None:
-    """`make verify` as the README shows it: the testinfra suite against the inventory."""
-    assert_pytest_passes(["make", "verify", f"INVENTORY={deployed.inventory}"])
+    verify(deployed.inventory)
 
 
 def test_smoke_fetches_a_png_of_the_requested_size(deployed: Deployment) -> None:

@@ -83,11 +83,19 @@ def test_dependencies_are_consistent(host, current):
     assert host.run(f"{current}/venv/bin/python -m pip check --disable-pip-version-check").rc == 0
 
 
-def test_torch_build_matches_the_accelerator(host, current, accelerator):
+def test_torch_build_is_the_locks_and_fits_the_accelerator(host, current, accelerator):
+    """The release runs exactly the torch its lock pins. A CPU node may run a CUDA lock (Ubuntu has no
+    CPU lock: its torch runs on the CPU); an nvidia node never runs the CPU build."""
     version = host.check_output(f"{current}/venv/bin/python -c 'import torch; print(torch.__version__)'")
-    if accelerator == "cpu":
-        assert version.endswith("+cpu"), f"CPU node runs torch {version}, not the CPU build"
-    else:
+    lock = host.file(f"{current}/requirements.txt").content_string
+    pinned = re.search(r"^torch==(\S+)", lock, re.MULTILINE)
+    assert pinned, f"{current}/requirements.txt pins no torch"
+    # PyPI's CUDA build reports a local tag the lock does not pin (2.14.1+cu130 for torch==2.14.1).
+    same = version == pinned[1] or ("+" not in pinned[1] and version.split("+")[0] == pinned[1])
+    assert same and version.endswith("+cpu") == pinned[1].endswith("+cpu"), (
+        f"the release runs torch {version}, its lock pins {pinned[1]}"
+    )
+    if accelerator == "nvidia":
         assert "+cpu" not in version, f"nvidia node runs the CPU build of torch ({version})"
 
 

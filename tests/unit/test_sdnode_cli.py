@@ -144,6 +144,28 @@ def test_diff_cached_missing_manifest_is_an_error(
     assert "a2: no cached manifest" in capsys.readouterr().err
 
 
+def test_diff_against_a_saved_manifest(
+    state: Path, pair: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A rebuilt node against what it ran before: a deploy time differs by design, a package not."""
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    before = {"host": "a1", "deployed_at": "t1", "service": {"packages": {"torch": "2.14.1"}}}
+    (saved / "a1.json").write_text(json.dumps(before))
+    (saved / "a2.json").write_text(json.dumps({**before, "host": "a2"}))
+    manifests(state, a1={**before, "deployed_at": "t2"}, a2={**before, "host": "a2"})
+    assert main(["diff-manifests", "-i", str(pair), "--cached", "--against", str(saved)]) == 0
+    assert capsys.readouterr().out.count("2 manifests identical") == 2
+    manifests(state, a1={**before, "service": {"packages": {"torch": "2.13.0"}}})
+    assert main(["diff-manifests", "-i", str(pair), "--cached", "--against", str(saved), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report[0]["differences"] == {"service.packages.torch": {"a1 (saved)": "2.14.1", "a1": "2.13.0"}}
+    assert report[1]["identical"]
+    # One saved file, compared with the one node --limit picks.
+    one = ["diff-manifests", "-i", str(pair), "--cached", "--limit", "a2"]
+    assert main([*one, "--against", str(saved / "a2.json")]) == 0
+
+
 def test_keys_then_keys_again(state: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["keys"]) == 0
     assert (state / "keys" / "sdnode_ed25519").exists()

@@ -399,6 +399,18 @@ def fetch_manifest(node: Node) -> dict[str, Any]:
         return read_manifest(session)
 
 
+def load_saved_manifest(against: Path, node: str) -> dict[str, Any]:
+    """A manifest saved before a rebuild: the file itself, or <dir>/<node>.json."""
+    path = against / f"{node}.json" if against.is_dir() else against
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise Day2Error(f"{node}: cannot read the saved manifest {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise Day2Error(f"{node}: {path} is not a JSON object")
+    return data
+
+
 def cmd_diff_manifests(args: argparse.Namespace) -> int:
     nodes = load_nodes(args.inventory, args.limit)
     st = state()
@@ -412,37 +424,52 @@ def cmd_diff_manifests(args: argparse.Namespace) -> int:
 
     fetched = parallel(get, nodes)
     errors = [error for _, data, error in fetched if data is None]
+    # Either every node against the others, or (--against) each node against what it ran before.
+    groups: list[dict[str, Any]] = []
+    if args.against is None:
+        groups.append({name: data for name, data, _ in fetched})
+    else:
+        for name, data, _ in fetched:
+            try:
+                groups.append({f"{name} (saved)": load_saved_manifest(args.against, name), name: data})
+            except Day2Error as exc:
+                errors.append(str(exc))
     if errors:
         for error in errors:
             print(f"sdnode: error: {error}", file=sys.stderr)
         return EXIT_ERROR
     ignore = () if args.all else DEFAULT_IGNORE + tuple(args.ignore)
-    diff = diff_manifests({name: data for name, data, _ in fetched}, ignore)
+    diffs = [diff_manifests(group, ignore) for group in groups]
     source = "cached" if args.cached else "live"
     if args.json:
-        print(
-            json.dumps(
-                {
-                    "hosts": diff.hosts,
-                    "identical": diff.identical,
-                    "compared": diff.compared,
-                    "ignored": diff.ignored,
-                    "differences": {k: dict(zip(diff.hosts, v, strict=True)) for k, v in diff.rows},
-                },
-                indent=2,
-            )
-        )
-        return EXIT_OK if diff.identical else EXIT_BAD
+        report = [
+            {
+                "hosts": diff.hosts,
+                "identical": diff.identical,
+                "compared": diff.compared,
+                "ignored": diff.ignored,
+                "differences": {k: dict(zip(diff.hosts, v, strict=True)) for k, v in diff.rows},
+            }
+            for diff in diffs
+        ]
+        print(json.dumps(report[0] if args.against is None else report, indent=2))
+        return EXIT_OK if all(d.identical for d in diffs) else EXIT_BAD
     out = console()
+    for diff in diffs:
+        show_diff(out, diff, source)
+    return EXIT_OK if all(d.identical for d in diffs) else EXIT_BAD
+
+
+def show_diff(out: Console, diff: Any, source: str) -> None:
     if len(diff.hosts) == 1:
         out.print(f"only one manifest ({diff.hosts[0]}, {source}); nothing to compare it with")
-        return EXIT_OK
+        return
     if diff.identical:
         out.print(
-            f"[green]{len(diff.hosts)} manifests identical[/] ({source}; {diff.compared} keys compared, "
-            f"ignored: {', '.join(diff.ignored) or 'none'})"
+            f"[green]{len(diff.hosts)} manifests identical[/] ({', '.join(diff.hosts)}; {source}; "
+            f"{diff.compared} keys compared, ignored: {', '.join(diff.ignored) or 'none'})"
         )
-        return EXIT_OK
+        return
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     table.add_column("KEY", no_wrap=True)
     for host in diff.hosts:
@@ -452,9 +479,8 @@ def cmd_diff_manifests(args: argparse.Namespace) -> int:
     out.print(table)
     out.print(
         f"[bold red]{len(diff.rows)} of {diff.compared} keys differ[/] "
-        f"between {len(diff.hosts)} manifests ({source})"
+        f"between {len(diff.hosts)} manifests ({', '.join(diff.hosts)}; {source})"
     )
-    return EXIT_BAD
 
 
 # --------------------------------------------------------------------------------------------------
@@ -546,6 +572,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--ignore", action="append", default=[], metavar="GLOB", help="also ignore keys matching GLOB"
     )
     p.add_argument("--all", action="store_true", help="compare every key, even time stamps and host names")
+    p.add_argument(
+        "--against",
+        type=Path,
+        metavar="PATH",
+        help="compare each node with a manifest saved before (a file, or a directory of <host>.json): "
+        "show that a rebuilt node runs exactly what it ran",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_diff_manifests)
     return parser

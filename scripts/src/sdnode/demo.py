@@ -1,4 +1,5 @@
-"""`make demo`: the kit's main job on one local throwaway node, CPU mode, tiny model.
+"""`make demo [OS=ubuntu-22.04|ubuntu-24.04]`: the kit's main job on one local throwaway node, CPU
+mode, tiny model; Debian 12 unless OS names another release (one node per release).
 
 Phases: node up -> tiny model -> site.yml -> smoke.yml, each timed and shown as it runs. A second run
 reuses the node (site.yml is idempotent, so it is quick). `--clean` removes the node.
@@ -17,7 +18,9 @@ from pathlib import Path
 from sdnode.localinv import build_inventory, venv_tool
 from sdnode.state import find_repo_root, state_dir
 
-NODE = "demo"
+# The demo node of each release testnode boots, and how the banner names it.
+NODES = {"debian-12": "demo", "ubuntu-22.04": "demo-ub2204", "ubuntu-24.04": "demo-ub2404"}
+TITLES = {"debian-12": "Debian 12", "ubuntu-22.04": "Ubuntu 22.04", "ubuntu-24.04": "Ubuntu 24.04"}
 
 
 class Phases:
@@ -46,36 +49,40 @@ def run(argv: list[str], cwd: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="sdnode-demo", description=__doc__)
     parser.add_argument("--clean", action="store_true", help="remove the demo node and its inventory")
+    parser.add_argument(
+        "--os", default="debian-12", choices=sorted(NODES), help="the node's release (default debian-12)"
+    )
     args = parser.parse_args(argv)
+    node = NODES[args.os]
 
     repo = find_repo_root()
     if repo is None:
         sys.exit("demo: run it from the sdnode checkout (make demo)")
     state = state_dir()
-    inventory_dir = state / "demo" / "inventory"
+    inventory_dir = state / node / "inventory"
     if args.clean:
-        run([venv_tool("testnode"), "down", NODE], repo)
-        print(f"demo node removed; controller state stays in {state}")
+        run([venv_tool("testnode"), "down", node], repo)
+        print(f"demo node {node} removed; controller state stays in {state}")
         return
 
     phases = Phases()
-    with phases.phase(f"throwaway node '{NODE}' (Debian 12, systemd-nspawn)"):
-        run([venv_tool("testnode"), "up", NODE], repo)
+    with phases.phase(f"throwaway node '{node}' ({TITLES[args.os]}, systemd-nspawn)"):
+        run([venv_tool("testnode"), "up", node, "--os", args.os], repo)
     with phases.phase("tiny random Stable Diffusion model on the controller"):
         model = state / "models" / "tiny"
         if (model / "model_index.json").exists():
             print(f"already built: {model}")
         else:
             run([venv_tool("sdserve"), "make-tiny-model", str(model)], repo)
-    inventory = build_inventory(inventory_dir, [NODE], repo / "inventory.local" / "group_vars")
+    inventory = build_inventory(inventory_dir, [node], repo / "inventory.local" / "group_vars")
     playbook = [venv_tool("ansible-playbook"), "-i", str(inventory)]
     with phases.phase("site.yml: base, driver (skipped: cpu node), python env, model, service"):
         run([*playbook, "playbooks/site.yml"], repo)
     with phases.phase("smoke.yml: one generation per instance through the API"):
         run([*playbook, "playbooks/smoke.yml"], repo)
 
-    images = sorted((state / "smoke").glob(f"{NODE}-*.png"))
-    manifest = state / "manifests" / f"{NODE}.json"
+    images = sorted((state / "smoke").glob(f"{node}-*.png"))
+    manifest = state / "manifests" / f"{node}.json"
     print("\n==> demo done")
     for title, seconds in phases.timings:
         print(f"    {seconds:7.1f}s  {title}")
@@ -83,8 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"    contact sheet:   {state / 'smoke' / 'contact-sheet.png'}")
     print(f"    node manifest:   {manifest}{'' if manifest.exists() else ' (missing!)'}")
     print(f"    inventory:       {inventory / 'hosts.yml'}")
-    print(f"    log in:          .venv/bin/testnode ssh {NODE}")
-    print("    remove it:       make demo-clean")
+    print(f"    log in:          .venv/bin/testnode ssh {node}")
+    print(f"    remove it:       make demo-clean{'' if args.os == 'debian-12' else ' OS=' + args.os}")
     if not images or not manifest.exists():
         sys.exit("demo: the run finished but the image or the manifest is missing")
 

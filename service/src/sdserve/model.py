@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import platform
@@ -165,6 +166,11 @@ def environment_info() -> dict:
 
     from . import __version__
 
+    packages = {
+        dist.metadata["Name"].lower().replace("_", "-"): dist.version
+        for dist in importlib.metadata.distributions()
+        if dist.metadata["Name"]
+    }
     info = {
         "sdserve": __version__,
         "torch": torch.__version__,
@@ -176,5 +182,7 @@ def environment_info() -> dict:
         "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
         if torch.cuda.is_available()
         else [],
+        # Every distribution in the release's venv: what a rebuilt node must match exactly.
+        "packages": dict(sorted(packages.items())),
     }
     return info
