@@ -27,12 +27,12 @@ help: ## list the targets
 
 setup: $(SETUP_STAMP) ## controller venv from the pinned, hash-checked locks
 
-$(SETUP_STAMP): $(CONTROLLER_LOCKS) service/pyproject.toml scripts/pyproject.toml
+$(SETUP_STAMP): $(CONTROLLER_LOCKS) service/pyproject.toml scripts/sdnode/pyproject.toml
 	@echo "==> setup: controller virtualenv in $(VENV)"
 	@mkdir -p $(PIP_CACHE_DIR) 2>/dev/null || true
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --require-hashes $(addprefix -r ,$(CONTROLLER_LOCKS))
-	$(BIN)/python -m pip install --quiet --no-deps -e service -e scripts
+	$(BIN)/python -m pip install --quiet --no-deps -e service -e scripts/sdnode
 	@touch $@
 
 host-setup: setup ## host packages the throwaway nodes need (root)
@@ -78,7 +78,7 @@ rollback: setup ## go back one release on every node of INVENTORY
 	$(BIN)/ansible-playbook -i $(INVENTORY) playbooks/rollback.yml $(PLAYBOOK_ARGS)
 
 lock: setup ## regenerate the pinned, hash-checked locks
-	$(BIN)/python scripts/lock_requirements.py
+	$(BIN)/python scripts/tools/lock_requirements.py
 
-gpu-bundle: setup ## hash-checked wheels for scripts/gpu_checks.sh on an offline GPU machine (.gpu-bundle/)
-	$(BIN)/python scripts/gpu_bundle.py
+gpu-bundle: setup ## hash-checked wheels for scripts/tools/gpu_checks.sh on an offline GPU machine (.gpu-bundle/)
+	$(BIN)/python scripts/tools/gpu_bundle.py

@@ -2,7 +2,7 @@
 CUDA kernels, a real (not injected) out-of-memory error, and the compiled UNet.
 
 Skipped where torch sees no CUDA device (CI has none). On a GPU machine:
-    pytest service/tests/test_cuda.py        (scripts/gpu_checks.sh runs it)
+    pytest service/tests/test_cuda.py        (scripts/tools/gpu_checks.sh runs it)
 """
 
 from __future__ import annotations

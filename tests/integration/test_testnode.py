@@ -19,7 +19,8 @@ from pathlib import Path
 
 import paramiko
 import pytest
-from sdnode import testnode as tn
+from sdnode.state import cache_dir
+from sdnode.testnode import images, names, network, noderoot, processes, records, rootfs, supervisor
 
 pytestmark = pytest.mark.integration
 
@@ -85,17 +86,13 @@ def ansible(pattern: str, inventory: Path, module: str, *args: str) -> str:
     return proc.stdout
 
 
-def live_nodes_except(names: set[str]) -> list[str]:
-    return [r.name for r in tn.load_records() if r.is_live() and r.name not in names]
+def live_nodes_except(excepted: set[str]) -> list[str]:
+    return [r.name for r in records.load_records() if r.is_live() and r.name not in excepted]
 
 
 def host_links() -> set[str]:
     out = subprocess.run(["ip", "-j", "link", "show"], capture_output=True, text=True, check=True).stdout
     return {link["ifname"] for link in json.loads(out)}
-
-
-def nft_table_exists() -> bool:
-    return subprocess.run(["nft", "list", "table", "inet", tn.NFT_TABLE], capture_output=True).returncode == 0
 
 
 @pytest.fixture(scope="module")
@@ -109,23 +106,23 @@ def state(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def ip_forward_before() -> str:
     """The host's ip_forward before any node existed (None when nodes of others were already up)."""
-    saved = tn.ip_forward_saved()
+    saved = network.ip_forward_saved()
     if saved.exists():
         return saved.read_text().strip()
-    return tn.ip_forward_path().read_text().strip()
+    return network.ip_forward_path().read_text().strip()
 
 
 def check_shared_network_after_last(ip_forward_before: str, ours: set[str]) -> None:
     """With no node left, bridge, table and ip_forward are back; with others' nodes, all stays for them."""
     if live_nodes_except(ours):
-        assert tn.BRIDGE in host_links()
-        assert nft_table_exists()
-        assert tn.ip_forward_path().read_text().strip() == "1"
+        assert network.BRIDGE in host_links()
+        assert network.nft_table_exists()
+        assert network.ip_forward_path().read_text().strip() == "1"
     else:
-        assert tn.BRIDGE not in host_links()
-        assert not nft_table_exists()
-        assert not tn.ip_forward_saved().exists()
-        assert tn.ip_forward_path().read_text().strip() == ip_forward_before
+        assert network.BRIDGE not in host_links()
+        assert not network.nft_table_exists()
+        assert not network.ip_forward_saved().exists()
+        assert network.ip_forward_path().read_text().strip() == ip_forward_before
 
 
 @dataclass
@@ -152,17 +149,18 @@ class TestTwoNodes:
         addrs = [ipaddress.IPv4Address(pair.addresses[n]) for n in (pair.a, pair.b)]
         assert addrs[0] != addrs[1]
         for addr in addrs:
-            assert addr in tn.NETWORK and int(addr) - int(tn.NETWORK.network_address) >= tn.FIRST_NODE_HOST
-            assert tn.load_record(pair.a if addr == addrs[0] else pair.b).address == str(addr)
+            assert addr in names.NETWORK
+            assert int(addr) - int(names.NETWORK.network_address) >= names.FIRST_NODE_HOST
+            assert records.load_record(pair.a if addr == addrs[0] else pair.b).address == str(addr)
 
     def test_macs_are_fixed_so_reused_addresses_are_reachable_at_once(self, pair: Pair) -> None:
         bridge = subprocess.run(
-            ["ip", "-j", "link", "show", "dev", tn.BRIDGE], capture_output=True, text=True, check=True
+            ["ip", "-j", "link", "show", "dev", network.BRIDGE], capture_output=True, text=True, check=True
         )
-        assert json.loads(bridge.stdout)[0]["address"] == tn.mac_address(str(tn.GATEWAY))
+        assert json.loads(bridge.stdout)[0]["address"] == names.mac_address(str(names.GATEWAY))
         for name in (pair.a, pair.b):
             mac = on_node(pair.state, name, "cat /sys/class/net/eth0/address")
-            assert mac == tn.mac_address(pair.addresses[name])
+            assert mac == names.mac_address(pair.addresses[name])
 
     @pytest.mark.parametrize("which", ["a", "b"])
     def test_ssh_reaches_the_node_by_name(self, pair: Pair, which: str) -> None:
@@ -195,8 +193,8 @@ class TestTwoNodes:
             assert banner.startswith("SSH-2.0-OpenSSH")
 
     def test_node_trusts_the_controllers_ca_for_outbound_tls(self, pair: Pair) -> None:
-        for cert in tn.HOST_CA_DIR.rglob("*.crt"):
-            rel = cert.relative_to(tn.HOST_CA_DIR)
+        for cert in rootfs.HOST_CA_DIR.rglob("*.crt"):
+            rel = cert.relative_to(rootfs.HOST_CA_DIR)
             on_node(pair.state, pair.a, f"test -s /usr/local/share/ca-certificates/{rel}")
         status = on_node(
             pair.state,
@@ -281,7 +279,7 @@ class TestTwoNodes:
         assert "passwordauthentication yes" in on_node(pair.state, pair.b, "sshd -T").splitlines()
 
     def test_memory_limit_applies(self, pair: Pair) -> None:
-        record = tn.load_record(pair.b)
+        record = records.load_record(pair.b)
         assert record is not None and record.cgroup
         limit_file = Path(record.cgroup) / "memory.limit_in_bytes"
         if not limit_file.exists():
@@ -291,20 +289,20 @@ class TestTwoNodes:
         assert record.supervisor_pid in procs
 
     def test_up_again_just_reports_the_node(self, pair: Pair) -> None:
-        before = tn.load_record(pair.a)
+        before = records.load_record(pair.a)
         again = run_testnode(pair.state, "up", pair.a)
         assert again.stdout.strip() == pair.addresses[pair.a]
         assert "already up" in again.stderr
-        after = tn.load_record(pair.a)
+        after = records.load_record(pair.a)
         assert before is not None and after is not None
         assert after.supervisor_pid == before.supervisor_pid
 
     def test_another_checkout_cannot_take_the_name(self, pair: Pair, tmp_path: Path) -> None:
-        before = tn.load_record(pair.a)
+        before = records.load_record(pair.a)
         refused = run_testnode(tmp_path / "other-checkout", "up", pair.a, check=False)
         assert refused.returncode == 1
         assert f"belongs to {pair.state}" in refused.stderr
-        after = tn.load_record(pair.a)
+        after = records.load_record(pair.a)
         assert before is not None and after is not None and after.is_running()
         assert after.supervisor_pid == before.supervisor_pid
         assert on_node(pair.state, pair.a, "hostname") == pair.a
@@ -367,34 +365,34 @@ class TestTwoNodes:
         after = on_node(pair.state, pair.a, "cat /proc/sys/kernel/random/boot_id")
         assert after != before
         assert on_node(pair.state, pair.a, "systemctl is-system-running --wait") in ("running", "degraded")
-        record = tn.load_record(pair.a)
+        record = records.load_record(pair.a)
         assert record is not None and record.is_running()  # same supervisor, nspawn started again
 
 
 def test_down_removes_everything(state: Path, ip_forward_before: str) -> None:
     name = node_name("c")
     address = up_together(state, [name, "--password-login"])[name]
-    record = tn.load_record(name)
+    record = records.load_record(name)
     assert record is not None
-    assert tn.netns_name(name) in tn.netns_list() and tn.veth_name(address) in host_links()
+    assert names.netns_name(name) in network.netns_list() and names.veth_name(address) in host_links()
 
     run_testnode(state, "down", name)
 
-    assert tn.load_record(name) is None
-    assert not tn.node_dir(name).exists()
-    assert tn.netns_name(name) not in tn.netns_list()
-    assert tn.veth_name(address) not in host_links()
-    assert tn.stray_pids({name}) == []
-    assert not (tn.NSPAWN_PROPAGATE / name).exists()
-    assert tn.node_mounts(name) == []
-    assert not tn.proc_alive(record.supervisor_pid, record.supervisor_start)
+    assert records.load_record(name) is None
+    assert not records.node_dir(name).exists()
+    assert names.netns_name(name) not in network.netns_list()
+    assert names.veth_name(address) not in host_links()
+    assert supervisor.stray_pids({name}) == []
+    assert not (supervisor.NSPAWN_PROPAGATE / name).exists()
+    assert noderoot.node_mounts(name) == []
+    assert not processes.proc_alive(record.supervisor_pid, record.supervisor_start)
     assert f"{address} " not in (state / "testnodes" / "known_hosts").read_text()
     assert not (state / "testnodes" / f"{name}.password").exists()
     assert name not in (state / "testnodes" / "inventory" / "hosts.yml").read_text()
     check_shared_network_after_last(ip_forward_before, {name})
     # The root filesystem is deleted in the background: gone, or being deleted.
-    left = set(tn.trash_dir().glob(f"{name}-*"))
-    assert left <= tn.trash_being_deleted()
+    left = set(noderoot.trash_dir().glob(f"{name}-*"))
+    assert left <= noderoot.trash_being_deleted()
     again = run_testnode(state, "down", name)
     assert "no such node" in again.stderr + again.stdout
 
@@ -407,20 +405,20 @@ def test_gc_cleans_a_killed_run_and_spares_live_nodes(state: Path, ip_forward_be
     killed, survivor, half = node_name("d"), node_name("e"), node_name("f")
     addresses = up_together(state, [killed], [survivor])
     try:
-        record = tn.load_record(killed)
+        record = records.load_record(killed)
         assert record is not None and record.supervisor_pid
         # A killed run: supervisor and nspawn die at once; the node's systemd lives on without them.
         nspawn = supervisor_children(record.supervisor_pid)
         for pid in [record.supervisor_pid, *nspawn]:
             os.kill(pid, signal.SIGKILL)
-        assert tn.wait_gone([record.supervisor_pid], 10)
-        inside = tn.pids_rooted_at([tn.rootfs_path(killed)])
+        assert processes.wait_gone([record.supervisor_pid], 10)
+        inside = processes.pids_rooted_at([noderoot.rootfs_path(killed)])
         assert inside, "expected the node's processes to outlive a killed systemd-nspawn"
         # ... and an `up` killed half-way: a namespace and a root filesystem, no record.
-        subprocess.run(["ip", "netns", "add", tn.netns_name(half)], check=True)
-        (tn.rootfs_path(half) / "etc").mkdir(parents=True)
+        subprocess.run(["ip", "netns", "add", names.netns_name(half)], check=True)
+        (noderoot.rootfs_path(half) / "etc").mkdir(parents=True)
         # ... and a root filesystem build killed inside debootstrap, with /proc still mounted in it.
-        build = tn.cache_dir() / f".build-{RUN_ID}"
+        build = cache_dir() / f"{rootfs.BUILD_PREFIX}{RUN_ID}"
         (build / "root" / "proc").mkdir(parents=True)
         subprocess.run(["mount", "-t", "proc", "proc", str(build / "root" / "proc")], check=True)
 
@@ -430,27 +428,27 @@ def test_gc_cleans_a_killed_run_and_spares_live_nodes(state: Path, ip_forward_be
         out = run_testnode(state, "gc").stdout
         assert killed in out
 
-        assert tn.wait_gone(inside, 5)
-        assert tn.pids_rooted_at([tn.rootfs_path(killed)]) == []
+        assert processes.wait_gone(inside, 5)
+        assert processes.pids_rooted_at([noderoot.rootfs_path(killed)]) == []
         for name in (killed, half):
-            assert tn.load_record(name) is None
-            assert not tn.node_dir(name).exists()
-            assert tn.netns_name(name) not in tn.netns_list()
-        assert tn.veth_name(addresses[killed]) not in host_links()
-        assert tn.stray_pids({killed}) == []
-        assert not (tn.NSPAWN_PROPAGATE / killed).exists()
-        assert tn.node_mounts(killed) == []
+            assert records.load_record(name) is None
+            assert not records.node_dir(name).exists()
+            assert names.netns_name(name) not in network.netns_list()
+        assert names.veth_name(addresses[killed]) not in host_links()
+        assert supervisor.stray_pids({killed}) == []
+        assert not (supervisor.NSPAWN_PROPAGATE / killed).exists()
+        assert noderoot.node_mounts(killed) == []
         assert not build.exists()
         assert str(build) not in Path("/proc/self/mounts").read_text()
         # The live node is untouched and still reachable.
         assert on_node(state, survivor, "hostname") == survivor
-        assert tn.veth_name(addresses[survivor]) in host_links()
-        assert tn.BRIDGE in host_links() and nft_table_exists()
+        assert names.veth_name(addresses[survivor]) in host_links()
+        assert network.BRIDGE in host_links() and network.nft_table_exists()
     finally:
         run_testnode(state, "down", survivor, check=False)
         run_testnode(state, "down", killed, check=False)
-        subprocess.run(["ip", "netns", "delete", tn.netns_name(half)], capture_output=True)
-        build = tn.cache_dir() / f".build-{RUN_ID}"
+        subprocess.run(["ip", "netns", "delete", names.netns_name(half)], capture_output=True)
+        build = cache_dir() / f"{rootfs.BUILD_PREFIX}{RUN_ID}"
         subprocess.run(["umount", "-l", str(build / "root" / "proc")], capture_output=True)
         subprocess.run(["rm", "-rf", "--one-file-system", str(build)], check=True)
     check_shared_network_after_last(ip_forward_before, {killed, survivor, half})
@@ -469,7 +467,7 @@ def test_an_interrupted_up_leaves_nothing(state: Path, sig: signal.Signals) -> N
     try:
         # Interrupt as soon as the node is claimed (boot takes seconds after that).
         for _ in range(600):
-            record = tn.load_record(name)
+            record = records.load_record(name)
             if record is not None or proc.poll() is not None:
                 break
             time.sleep(0.05)
@@ -478,11 +476,11 @@ def test_an_interrupted_up_leaves_nothing(state: Path, sig: signal.Signals) -> N
         _, err = proc.communicate(timeout=120)
         assert proc.returncode != 0, err
         assert "Traceback" not in err
-        assert tn.load_record(name) is None
-        assert not tn.node_dir(name).exists()
-        assert tn.netns_name(name) not in tn.netns_list()
-        assert tn.veth_name(record.address) not in host_links()
-        assert tn.stray_pids({name}) == []
+        assert records.load_record(name) is None
+        assert not records.node_dir(name).exists()
+        assert names.netns_name(name) not in network.netns_list()
+        assert names.veth_name(record.address) not in host_links()
+        assert supervisor.stray_pids({name}) == []
     finally:
         proc.kill()
         proc.wait()
@@ -490,22 +488,22 @@ def test_an_interrupted_up_leaves_nothing(state: Path, sig: signal.Signals) -> N
 
 
 def test_cached_root_filesystem_carries_no_identity(state: Path) -> None:
-    tarball = tn.rootfs_tarball(tn.OS_IMAGES[tn.DEFAULT_OS])
+    tarball = rootfs.rootfs_tarball(images.OS_IMAGES[images.DEFAULT_OS])
     if not tarball.exists():
         run_testnode(state, "up", node_name("h"))
         run_testnode(state, "down", node_name("h"))
     members = subprocess.run(["tar", "-tf", str(tarball)], capture_output=True, text=True, check=True).stdout
-    names = {m.removeprefix("./") for m in members.splitlines()}
-    assert not [n for n in names if n.startswith("etc/ssh/ssh_host_")]
-    assert "usr/sbin/sshd" in names and "usr/lib/systemd/systemd" in names
-    for cert in tn.HOST_CA_DIR.rglob("*.crt"):
-        assert f"usr/local/share/ca-certificates/{cert.relative_to(tn.HOST_CA_DIR)}" in names
+    entries = {m.removeprefix("./") for m in members.splitlines()}
+    assert not [n for n in entries if n.startswith("etc/ssh/ssh_host_")]
+    assert "usr/sbin/sshd" in entries and "usr/lib/systemd/systemd" in entries
+    for cert in rootfs.HOST_CA_DIR.rglob("*.crt"):
+        assert f"usr/local/share/ca-certificates/{cert.relative_to(rootfs.HOST_CA_DIR)}" in entries
     machine_id = subprocess.run(
         ["tar", "-xOf", str(tarball), "./etc/machine-id"], capture_output=True, check=True
     ).stdout
     assert machine_id == b""
     # Nodes write to their own upper layer, never to the shared tree under them.
-    tree = tn.base_tree(tarball)
+    tree = rootfs.base_tree(tarball)
     assert (tree / "etc/machine-id").read_text() == ""
     assert not list((tree / "etc/ssh").glob("ssh_host_*"))
     assert not (tree / "root/.ssh/authorized_keys").exists()
@@ -518,15 +516,15 @@ def test_gc_removes_nodes_whose_checkout_is_gone(tmp_path: Path, ip_forward_befo
     name = node_name("o")
     address = up_together(gone_state, [name])[name]
     try:
-        record = tn.load_record(name)
+        record = records.load_record(name)
         assert record is not None and record.is_running()
         subprocess.run(["rm", "-rf", str(gone_state)], check=True)
         out = run_testnode(tmp_path / "fresh-clone", "gc").stdout
         assert f"orphaned node {name}" in out
-        assert tn.load_record(name) is None
-        assert not tn.proc_alive(record.supervisor_pid, record.supervisor_start)
-        assert tn.netns_name(name) not in tn.netns_list()
-        assert tn.veth_name(address) not in host_links()
+        assert records.load_record(name) is None
+        assert not processes.proc_alive(record.supervisor_pid, record.supervisor_start)
+        assert names.netns_name(name) not in network.netns_list()
+        assert names.veth_name(address) not in host_links()
     finally:
         run_testnode(tmp_path, "down", name, check=False)
     check_shared_network_after_last(ip_forward_before, {name})

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_role_variables_reference_matches_argument_specs() -> None:
-    script = ROOT / "scripts" / "gen_role_docs.py"
+    script = ROOT / "scripts" / "tools" / "gen_role_docs.py"
     proc = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 

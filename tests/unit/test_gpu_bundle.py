@@ -8,7 +8,7 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("gpu_bundle", ROOT / "scripts" / "gpu_bundle.py")
+spec = importlib.util.spec_from_file_location("gpu_bundle", ROOT / "scripts" / "tools" / "gpu_bundle.py")
 gpu_bundle = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gpu_bundle)
 

@@ -21,7 +21,7 @@ def test_state_dir_override_is_made_absolute(tmp_path: Path, monkeypatch: pytest
 
 
 def test_outside_the_repo_the_editable_install_still_finds_it(tmp_path: Path) -> None:
-    # The package itself lives in <repo>/scripts/src/sdnode.
+    # The package itself lives in <repo>/scripts/sdnode/src/sdnode.
     assert state.find_repo_root(tmp_path) == REPO
 
 

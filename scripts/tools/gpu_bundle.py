@@ -7,8 +7,8 @@ and cuda wheels, sympy, networkx): the machine keeps its own CUDA torch, and the
 versions of the rest shadow the machine's through PYTHONPATH. Plus pytest-testinfra from the
 controller lock for the gpu_runtime tier, and a wheel of sdserve itself.
 
-    .venv/bin/python scripts/gpu_bundle.py              # writes .gpu-bundle/ (git-ignored)
-    bash scripts/gpu_checks.sh .gpu-bundle "$OUT"      # on the GPU machine (see that script)
+    .venv/bin/python scripts/tools/gpu_bundle.py              # writes .gpu-bundle/ (git-ignored)
+    bash scripts/tools/gpu_checks.sh .gpu-bundle "$OUT"      # on the GPU machine (see that script)
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # torch stays the machine's own; these come with it, built for it.
 TORCH_AND_ITS_OWN = r"torch|triton|nvidia-.*|cuda-.*|sympy|mpmath|networkx|setuptools"
 # On the machine already (its image's package list), and any recent version does; carrying them

@@ -15,7 +15,7 @@ STATE_ENV = "SDNODE_STATE_DIR"
 CACHE_ENV = "SDNODE_CACHE_DIR"
 DEFAULT_CACHE_DIR = Path("/var/cache/sdnode")
 # A directory holding this file is the repository root.
-_ROOT_MARKER = Path("scripts") / "src" / "sdnode"
+_ROOT_MARKER = Path("scripts") / "sdnode" / "src" / "sdnode"
 
 
 def find_repo_root(start: Path | None = None) -> Path | None:
@@ -24,8 +24,8 @@ def find_repo_root(start: Path | None = None) -> Path | None:
     for candidate in (here, *here.parents):
         if (candidate / _ROOT_MARKER).is_dir():
             return candidate
-    # Installed editable from a checkout: the package itself sits in <root>/scripts/src/sdnode.
-    pkg_root = Path(__file__).resolve().parents[3]
+    # Installed editable from a checkout: the package itself sits in <root>/<_ROOT_MARKER>.
+    pkg_root = Path(__file__).resolve().parents[len(_ROOT_MARKER.parts)]
     if (pkg_root / _ROOT_MARKER).is_dir():
         return pkg_root
     return None

@@ -3,8 +3,8 @@
 # and no network (the lent H200: Python 3.12, torch 2.11+cu130). Each step has its own time limit,
 # so a slow one cannot starve the rest; logs, JSON and a summary land in OUT.
 #
-#   .venv/bin/python scripts/gpu_bundle.py          # here: the wheels, into .gpu-bundle/
-#   bash scripts/gpu_checks.sh .gpu-bundle OUT [BUDGET_S]   # there, from the repository root
+#   .venv/bin/python scripts/tools/gpu_bundle.py          # here: the wheels, into .gpu-bundle/
+#   bash scripts/tools/gpu_checks.sh .gpu-bundle OUT [BUDGET_S]   # there, from the repository root
 #
 # Steps, most important first: environment; the bundle imports; `sdserve check` on CUDA; the GPU
 # benchmark (SD 1.x architecture, 512x512, PNDM 50: plain pipeline vs the service, 8 clients);
@@ -68,7 +68,7 @@ step imports 120 "$python" -c "import diffusers, transformers, fastapi, sdserve.
 print('sdserve', sdserve.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
 step sdserve-check 180 bash -c "$python -m sdserve make-tiny-model $work/tiny \
     && $python -m sdserve check --model $work/tiny --device $device --size 512x512 --steps 25 --json"
-step bench 330 "$python" scripts/bench_service.py --mode gpu --model "$work/sd15-random" \
+step bench 330 "$python" scripts/tools/bench_service.py --mode gpu --model "$work/sd15-random" \
     --out "$out/bench-gpu.json" "${bench[@]}"
 if [[ $dry == 1 ]]; then
     echo "cuda-tests, testinfra-gpu-runtime: not run (dry run, no CUDA)" | tee -a "$summary"
@@ -85,7 +85,7 @@ else
         --hosts=local:// --node-vars "$work/node-vars.yml" -m gpu_runtime \
         -k "torch_sees_every_gpu or cuda_computes"
 fi
-step bench-compile 330 "$python" scripts/bench_service.py --mode gpu --model "$work/sd15-random" \
+step bench-compile 330 "$python" scripts/tools/bench_service.py --mode gpu --model "$work/sd15-random" \
     --compile --plain-images 4 --out "$out/bench-gpu-compile.json" "${bench[@]}"
 
 echo "== summary (${SECONDS}s of ${budget}s)"

@@ -6,10 +6,10 @@ Inputs: the service's dependencies (`service/pyproject.toml`) and, for the contr
 `ansible/requirements.txt`. uv resolves from index metadata only, so no wheel is downloaded,
 even for the multi-GB CUDA torch wheels.
 
-    .venv/bin/python scripts/lock_requirements.py            # every service lock
-    .venv/bin/python scripts/lock_requirements.py cpu-py311  # one lock
-    .venv/bin/python scripts/lock_requirements.py controller # ansible/requirements.txt
-    .venv/bin/python scripts/lock_requirements.py --check    # fail if a lock is stale (CI)
+    .venv/bin/python scripts/tools/lock_requirements.py            # every service lock
+    .venv/bin/python scripts/tools/lock_requirements.py cpu-py311  # one lock
+    .venv/bin/python scripts/tools/lock_requirements.py controller # ansible/requirements.txt
+    .venv/bin/python scripts/tools/lock_requirements.py --check    # fail if a lock is stale (CI)
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 REQ_DIR = ROOT / "service" / "requirements"
 PYPROJECT = ROOT / "service" / "pyproject.toml"
 TORCH_VERSION = "2.13.0"
@@ -114,7 +114,9 @@ def compile_lock(
         env["UV_NATIVE_TLS"] = "1"
         subprocess.run(args, check=True, cwd=ROOT, env=env)
         # The temporary constraints file's path lands in uv's "via" notes: name it stably instead.
-        output.write_text(output.read_text().replace(str(cfile), "torch pin in scripts/lock_requirements.py"))
+        output.write_text(
+            output.read_text().replace(str(cfile), "torch pin in scripts/tools/lock_requirements.py")
+        )
 
 
 def main() -> int:
@@ -153,7 +155,7 @@ def main() -> int:
             out = Path(tmp) / final.name if args.check else final
             if args.check and final.exists():
                 shutil.copy(final, out)  # start from the current pins, as a real run would
-            command = f"scripts/lock_requirements.py {name}"
+            command = f"scripts/tools/lock_requirements.py {name}"
             compile_lock(
                 inputs,
                 out,

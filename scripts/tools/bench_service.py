@@ -18,12 +18,12 @@ GPU mode (needs a CUDA device; the default when one is present):
   Kept under 8 minutes including warm-up; `--compile` compiles one size (512x512) only.
 
   On a bare machine with only Python and a CUDA build of torch (no network), carry the other
-  wheels: `make gpu-bundle` here, then `bash scripts/gpu_checks.sh .gpu-bundle OUT` there runs this
+  wheels: `make gpu-bundle` here, then `bash scripts/tools/gpu_checks.sh .gpu-bundle OUT` there runs this
   benchmark with the other GPU checks (docs/benchmarks.md).
 
 Usage:
-  .venv/bin/python scripts/bench_service.py                      # auto: gpu if CUDA, else cpu
-  .venv/bin/python scripts/bench_service.py --mode cpu --requests 40 --out bench-cpu.json
+  .venv/bin/python scripts/tools/bench_service.py                      # auto: gpu if CUDA, else cpu
+  .venv/bin/python scripts/tools/bench_service.py --mode cpu --requests 40 --out bench-cpu.json
 """
 
 from __future__ import annotations
