@@ -37,6 +37,14 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_with_checker(tmp_path_factory) -> Path:
+    """The tiny model with a tiny safety checker that flags every image."""
+    from sdserve.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("model") / "tiny-sd-checked", safety_checker=True)
+
+
+@pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 

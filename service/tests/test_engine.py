@@ -58,8 +58,8 @@ def test_same_seed_same_batch_size_gives_same_bytes(engine):
     e = engine()
     a = e.submit(P, "a red cube", "", [11, 12]).future.result(60)
     b = e.submit(P, "a red cube", "", [11, 12]).future.result(60)
-    assert [x.tobytes() for x in a] == [x.tobytes() for x in b]
-    assert a[0].tobytes() != a[1].tobytes()  # seeds s, s+1 differ
+    assert [x.image.tobytes() for x in a] == [x.image.tobytes() for x in b]
+    assert a[0].image.tobytes() != a[1].image.tobytes()  # seeds s, s+1 differ
 
 
 def test_seed_independent_of_batch_mates(engine):
@@ -72,15 +72,15 @@ def test_seed_independent_of_batch_mates(engine):
     target = e.submit(P, "a red cube", "", [7])
     more = e.submit(P, "another", "", [200])
     gate.open()
-    batched = target.future.result(60)[0]
+    batched = target.future.result(60)[0].image
     for r in (blocker, *mates, more):
         r.future.result(60)
     assert gate.calls[1] == 4, f"expected the four queued requests in one batch, got calls {gate.calls}"
-    alone = e.submit(P, "a red cube", "", [7]).future.result(60)[0]
+    alone = e.submit(P, "a red cube", "", [7]).future.result(60)[0].image
     diff = np.abs(pixels(batched) - pixels(alone)).mean()
     assert diff < 1.0, diff
     # ...and a different seed really gives a different image, so the check above means something.
-    other = e.submit(P, "a red cube", "", [8]).future.result(60)[0]
+    other = e.submit(P, "a red cube", "", [8]).future.result(60)[0].image
     assert np.abs(pixels(other) - pixels(alone)).mean() > 1.0
 
 
@@ -96,7 +96,7 @@ def test_batches_only_compatible_requests_and_respects_max_batch(engine):
         r.future.result(60)
     # 1 (blocker), then 2+1 of the compatible ones (max 3), then the 72x64 one, then the last image.
     assert gate.calls == [1, 3, 1, 1]
-    assert [im.size for im in reqs[1].future.result()] == [(72, 64)]
+    assert [g.image.size for g in reqs[1].future.result()] == [(72, 64)]
 
 
 def test_scheduler_state_never_shared(engine, loaded):
@@ -116,13 +116,13 @@ def test_every_sampler_generates(engine, sampler):
     e = engine()
     steps = 2 if sampler != "LCM" else 1
     imgs = e.submit(GenParams(64, 64, steps, 5.0, resolve(sampler)), "x", "", [3]).future.result(60)
-    assert imgs[0].size == (64, 64)
+    assert imgs[0].image.size == (64, 64)
 
 
 def test_pndm_fifty_steps_as_in_the_original_design(engine):
     e = engine()
     imgs = e.submit(GenParams(64, 64, 50, 7.5, resolve("PNDM")), "x", "", [3]).future.result(120)
-    assert np.asarray(imgs[0]).std() > 0
+    assert np.asarray(imgs[0].image).std() > 0
 
 
 def test_out_of_memory_is_retried_in_halves(engine):
@@ -190,6 +190,7 @@ def test_cancel_removes_a_queued_request(engine):
 
 
 def test_cancel_interrupts_a_running_batch(engine):
+    """Cancelled before its first step: the batch stops there, not after its 40 steps."""
     e = engine()
     started = threading.Event()
     release = threading.Event()
@@ -201,6 +202,8 @@ def test_cancel_interrupts_a_running_batch(engine):
     with pytest.raises(Cancelled):
         req.future.result(60)
     wait_until(lambda: not e.busy, what="worker idle")
+    assert e.last_batch.step == 1, f"the batch ran {e.last_batch.step} of 40 steps after its cancel"
+    e.before_pipeline_call = None
     assert e.submit(P, "x", "", [1]).future.result(60)
 
 
@@ -266,10 +269,10 @@ def test_sdxl_through_the_same_path(make_settings, sdxl_model):
         batched = [e.submit(params, "a city", "fog", [5]), e.submit(params, "a field", "rain", [6])]
         gate.open()
         blocker.future.result(60)
-        in_batch = batched[0].future.result(60)[0]
+        in_batch = batched[0].future.result(60)[0].image
         batched[1].future.result(60)
         assert gate.calls == [1, 2]
-        alone = e.submit(params, "a city", "fog", [5]).future.result(60)[0]
+        alone = e.submit(params, "a city", "fog", [5]).future.result(60)[0].image
         assert np.abs(pixels(in_batch) - pixels(alone)).mean() < 1.0
     finally:
         gate.open()

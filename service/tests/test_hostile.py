@@ -13,8 +13,8 @@ import pytest
 from conftest import FAST, SIZE, Gate, wait_until
 
 from sdserve.engine import InputFailed
+from sdserve.generation import make_spec
 from sdserve.keys import key_line
-from sdserve.validation import build_params
 
 ALICE = "alice-0123456789abcdef0123456789ab"
 BOB = "bob-0123456789abcdef0123456789abcd"
@@ -68,8 +68,8 @@ def test_a_request_that_fails_its_batch_fails_only_itself(live):
     engine, settings = server.engine, server.app.state.service.settings
     gate = Gate()
     engine.before_pipeline_call = gate
-    params = build_params(settings, width=64, height=64, n=1, steps=2, guidance=None, sampler=None,
-                          schedule=None, has_negative=False)  # fmt: skip
+    params = make_spec(settings, prompt="", negative_prompt="", width=64, height=64, n=1, steps=2,
+                       guidance=None, sampler=None).params  # fmt: skip
     first = engine.submit(params, "holds the worker", "", [1])
     assert gate.entered.wait(30)
     mates = [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 
 import httpx
@@ -215,3 +216,21 @@ def test_request_id_echoed(shared_server):
     r = httpx.get(shared_server.url + "/readyz", headers={"x-request-id": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"
     assert len(httpx.get(shared_server.url + "/readyz").headers["x-request-id"]) == 32
+
+
+def test_the_safety_checkers_verdict_reaches_the_response(live, tiny_model_with_checker):
+    """Where the model's checker runs, each image says what it decided (it blacks flagged images
+    out); without a checker the field is absent rather than a false "safe"."""
+    server = live(model=tiny_model_with_checker, safety_checker=True)
+    body = {"prompt": "x", **FAST, "n": 2}
+    data = httpx.post(server.url + "/v1/images/generations", json=body, timeout=60).json()["data"]
+    assert [item["nsfw"] for item in data] == [True, True]
+    r = httpx.post(
+        server.url + "/sdapi/v1/txt2img",
+        json={"prompt": "x", "width": 64, "height": 64, "steps": 2},
+        timeout=60,
+    )
+    assert json.loads(r.json()["info"])["nsfw_content_detected"] == [True]
+    unchecked = live()
+    data = httpx.post(unchecked.url + "/v1/images/generations", json=body, timeout=60).json()["data"]
+    assert all("nsfw" not in item for item in data)

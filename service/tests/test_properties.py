@@ -9,8 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sdserve.app import create_app
+from sdserve.errors import Problem
+from sdserve.generation import make_spec
 from sdserve.settings import Settings
-from sdserve.validation import Problem, build_params
 
 LIMITS = Settings(max_side=1024, max_pixels=4 * 512 * 512, max_images=4, max_steps=50)
 
@@ -120,10 +121,10 @@ def test_odd_json_never_500(client, raw):
     sampler=st.none() | st.sampled_from(["Euler a", "DPM++ 2M", "PNDM", "DDIM", "bogus"]),
     schedule=st.none() | st.sampled_from(["automatic", "Karras", "sgm_uniform", "bogus"]),
 )
-def test_build_params_respects_every_limit(width, height, n, steps, guidance, sampler, schedule):
+def test_a_spec_respects_every_limit(width, height, n, steps, guidance, sampler, schedule):
     try:
-        p = build_params(LIMITS, width=width, height=height, n=n, steps=steps, guidance=guidance,
-                         sampler=sampler, schedule=schedule, has_negative=False)  # fmt: skip
+        p = make_spec(LIMITS, prompt="x", negative_prompt="", width=width, height=height, n=n, steps=steps,
+                      guidance=guidance, sampler=sampler, schedule=schedule).params  # fmt: skip
     except Problem as e:
         assert e.param in {"width", "height", "n", "size", "steps", "scheduler"} and e.message
         return

@@ -1,4 +1,6 @@
-"""The FastAPI app: `create_app(settings)`; start-up and shutdown in the lifespan."""
+"""The FastAPI app: `create_app(settings)`: the service, the middleware every request passes
+(request id, body limits, metrics, the access log), one error handler per kind, the front doors
+from api/, and start-up and shutdown in the lifespan."""
 
 from __future__ import annotations
 
@@ -10,24 +12,20 @@ import signal
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import __version__
-from .engine import Engine
-from .errors import Problem, error_body, responses
+from . import __version__, openapi
+from .api import a1111, health, jobs
+from .api import openai as openai_api
+from .errors import Problem, error_body
 from .images import sweep_outputs
-from .keys import KeyStore
 from .logs import request_id as request_id_var
-from .metrics import Metrics
-from .service import AuthError, Service, authenticate
+from .service import Service
 from .settings import Settings, point_caches_at
 
 log = logging.getLogger("sdserve.app")
@@ -182,15 +180,6 @@ def _install_error_handlers(app: FastAPI) -> None:
         body = error_body(request.url.path, exc.message, exc.param, exc.code, exc.status)
         return JSONResponse(body, status_code=exc.status, headers=exc.headers)
 
-    @app.exception_handler(AuthError)
-    async def auth(request: Request, exc: AuthError):
-        body = error_body(request.url.path, exc.message, None, "invalid_api_key", 401)
-        return JSONResponse(
-            body,
-            status_code=401,
-            headers={"WWW-Authenticate": 'Bearer realm="sdserve", Basic realm="sdserve"'},
-        )
-
     @app.exception_handler(RequestValidationError)
     async def validation(request: Request, exc: RequestValidationError):
         path = request.url.path
@@ -254,13 +243,6 @@ def allowed_methods(request: Request) -> list[str]:
     return sorted(methods)
 
 
-class Health(BaseModel):
-    status: str
-    model: str | None = None
-    queue: int | None = None
-    error: str | None = None
-
-
 async def sweep_outputs_every(settings: Settings) -> None:
     """Keep OUTPUT_DIR within its retention, so that url images and saved images cannot fill the disk."""
     if settings.output_dir is None or settings.output_retention_s <= 0:
@@ -276,21 +258,12 @@ async def sweep_outputs_every(settings: Settings) -> None:
 def create_app(settings: Settings, *, start_engine: bool = True) -> FastAPI:
     """Build the app. Refuses (StartupRefused) to serve a non-loopback address without keys."""
     point_caches_at(settings.cache_dir)
-    keys = KeyStore(settings.api_keys_file)
-    if not keys.enabled and not settings.host_is_loopback():
+    service = Service.build(settings)
+    if not service.keys.enabled and not settings.host_is_loopback():
         raise StartupRefused(NO_KEYS_MESSAGE.format(host=settings.host))
     if settings.output_dir is not None:
         settings.output_dir.mkdir(parents=True, exist_ok=True)
-    metrics = Metrics(settings.max_batch)
-    metrics.watch_keys(keys)
-    engine = Engine(settings, metrics)
-    service = Service(
-        settings, engine, keys, metrics, ThreadPoolExecutor(max_workers=2, thread_name_prefix="sdserve-png")
-    )
-
-    from .jobs import JobStore
-
-    service.jobs = JobStore(service)
+    engine, keys = service.engine, service.keys
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -313,7 +286,6 @@ def create_app(settings: Settings, *, start_engine: bool = True) -> FastAPI:
             finished = await service.drain()  # begun at SIGTERM already when run by `sdserve serve`
             janitor.cancel()
             sweeper.cancel()
-            service.png_pool.shutdown(wait=True)
             if hup:
                 loop.remove_signal_handler(signal.SIGHUP)
             log.info("stopped (drained cleanly: %s)", finished)
@@ -327,57 +299,10 @@ def create_app(settings: Settings, *, start_engine: bool = True) -> FastAPI:
     app.state.service = service
     app.add_middleware(RequestContext, service_ref=lambda: service)
     _install_error_handlers(app)
-
-    health_responses = {503: {"model": Health, "description": "Not live (failed start-up) or not ready."}}
-
-    @app.get(
-        "/livez",
-        tags=["health"],
-        response_model=Health,
-        response_model_exclude_none=True,
-        responses=health_responses,
-    )
-    async def livez():
-        if engine.state == "failed":
-            return JSONResponse({"status": "failed", "error": engine.error}, status_code=503)
-        return {"status": "ok"}
-
-    @app.get(
-        "/readyz",
-        tags=["health"],
-        response_model=Health,
-        response_model_exclude_none=True,
-        responses=health_responses,
-    )
-    async def readyz():
-        if engine.ready:
-            return {"status": "ready", "model": service.model_id, "queue": engine.queue_depth}
-        return JSONResponse(
-            {"status": engine.state, "error": engine.error}, status_code=503, headers={"Retry-After": "5"}
-        )
-
-    metrics_auth = [] if settings.metrics_public else [Depends(authenticate)]
-
-    @app.get(
-        "/metrics",
-        tags=["health"],
-        dependencies=metrics_auth,
-        response_class=Response,
-        responses={
-            200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
-                  "description": "Prometheus text exposition format."},
-            **({} if settings.metrics_public else responses(401)),
-        },
-    )  # fmt: skip
-    async def metrics_route():
-        service.jobs.update_metrics()
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    from . import api_a1111, api_openai, jobs, openapi
-
-    app.include_router(api_openai.router, tags=["openai"])
-    app.include_router(api_a1111.router, tags=["a1111"])
-    app.include_router(jobs.router, tags=["jobs"])
+    app.include_router(health.router_for(settings))
+    app.include_router(openai_api.router)
+    app.include_router(a1111.router)
+    app.include_router(jobs.router)
 
     def document() -> dict:
         if app.openapi_schema is None:
@@ -385,8 +310,8 @@ def create_app(settings: Settings, *, start_engine: bool = True) -> FastAPI:
                 get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes),
                 settings,
                 service.model_id,
-                api_a1111.AT_DEFAULT,
-                api_a1111.current_options(service),
+                a1111.AT_DEFAULT,
+                a1111.current_options(service),
             )
         return app.openapi_schema
 

@@ -108,7 +108,7 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     point_caches_at(Settings().cache_dir)
     from .tiny import make_tiny_model
 
-    out = make_tiny_model(args.dir, kind=args.kind)
+    out = make_tiny_model(args.dir, kind=args.kind, safety_checker=args.safety_checker)
     print(out)
     return 0
 
@@ -130,7 +130,7 @@ def cmd_check(args: argparse.Namespace, names: list[str]) -> int:
         params = GenParams(w, h, args.steps, settings.default_guidance, resolve(settings.default_scheduler))
         t = time.perf_counter()
         req = engine.submit(params, "a photograph of an astronaut riding a horse", "", [args.seed])
-        image = req.future.result(timeout=args.timeout)[0]
+        image = req.future.result(timeout=args.timeout)[0].image
         result.update(
             ok=True,
             device=engine.model.device,
@@ -210,6 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("dir", type=Path)
     tiny.add_argument(
         "--kind", choices=["sd", "sdxl"], default="sd", help="SD 1.x layout (default) or SDXL layout"
+    )
+    tiny.add_argument(
+        "--safety-checker",
+        action="store_true",
+        help="add a tiny safety checker that flags every image (to see its verdict in responses)",
     )
 
     model_opts = [

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import enum
 import gc
 import logging
 import secrets
@@ -25,6 +26,17 @@ from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import (
+    Cancelled,
+    Draining,
+    EngineError,
+    GenerationFailed,
+    InputFailed,
+    KeyQueueFull,
+    NotReady,
+    OutOfMemory,
+    QueueFull,
+)
 from .metrics import Metrics
 from .model import LoadedModel, ModelError, load_pipeline
 from .schedulers import SchedulerChoice, resolve
@@ -34,51 +46,47 @@ log = logging.getLogger("sdserve.engine")
 
 MAX_SEED = 2**32 - 1
 
-
-class EngineError(Exception):
-    status = 503
-    code = "engine_error"
-
-
-class QueueFull(EngineError):
-    status = 429
-    code = "queue_full"
-
-
-class KeyQueueFull(QueueFull):
-    code = "key_queue_full"
+__all__ = [  # the engine's errors, defined with every other error in errors.py
+    "Cancelled",
+    "Draining",
+    "EngineError",
+    "GenerationFailed",
+    "InputFailed",
+    "KeyQueueFull",
+    "NotReady",
+    "OutOfMemory",
+    "QueueFull",
+]
 
 
-class NotReady(EngineError):
-    status = 503
-    code = "not_ready"
+class EngineState(str, enum.Enum):
+    """Where the engine is in its life; compares equal to its value ("ready")."""
+
+    CREATED = "created"
+    LOADING = "loading"
+    WARMING = "warming"
+    READY = "ready"
+    DRAINING = "draining"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
 
 
-class Draining(EngineError):
-    status = 503
-    code = "shutting_down"
+class Phase(str, enum.Enum):
+    """What the worker is doing."""
+
+    IDLE = "idle"
+    GATHERING = "gathering"  # in a batch wait or rejoin window
+    RUNNING = "running"
+
+    def __str__(self) -> str:
+        return self.value
 
 
-class OutOfMemory(EngineError):
-    status = 503
-    code = "out_of_memory"
-
-
-class Cancelled(EngineError):
-    status = 499
-    code = "cancelled"
-
-
-class GenerationFailed(EngineError):
-    status = 500
-    code = "generation_failed"
-
-
-class InputFailed(EngineError):
-    """A request whose generation failed alone, on its own input, while its batch-mates succeeded."""
-
-    status = 422
-    code = "invalid_input"
+# States from which a drain starts refusing work.
+_RUNNING = (EngineState.CREATED, EngineState.LOADING, EngineState.WARMING, EngineState.READY)
 
 
 # Errors a pipeline raises on what it was given (a tokenizer on odd text, a shape it cannot make):
@@ -100,6 +108,25 @@ class GenParams:
 
 
 @dataclass(eq=False)
+class Batch:
+    """One pipeline call: the progress every request in it reads."""
+
+    params: GenParams
+    images: int
+    step: int = 0
+    started: float = field(default_factory=time.time)
+
+
+@dataclass
+class Generated:
+    """A finished image: the picture, and whether the model's safety checker flagged it (its
+    pipeline has then blacked it out); always False without a safety checker."""
+
+    image: Any
+    nsfw: bool = False
+
+
+@dataclass(eq=False)
 class GenRequest:
     params: GenParams
     prompt: str
@@ -107,20 +134,17 @@ class GenRequest:
     seeds: list[int]
     key_name: str = "-"
     request_id: str = "-"
-    future: Future = field(default_factory=Future)
-    images: list[Any] = field(default_factory=list)
-    nsfw: list[bool] = field(default_factory=list)
+    future: Future = field(default_factory=Future)  # resolves to list[Generated]
+    images: list[Generated | None] = field(default_factory=list)
     taken: int = 0  # images handed to the worker so far
     done: int = 0
-    step: int = 0  # progress of the batch this request is in
+    batch: Batch | None = None  # the last batch it was in
     cancelled: bool = False
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
-    finished_at: float | None = None
 
     def __post_init__(self) -> None:
         self.images = [None] * len(self.seeds)
-        self.nsfw = [False] * len(self.seeds)
 
     @property
     def n(self) -> int:
@@ -131,11 +155,17 @@ class GenRequest:
         return self.future.done() and not self.future.cancelled() and self.future.exception() is None
 
     @property
+    def step(self) -> int:
+        """The denoising step its images in flight have reached (0 before any ran)."""
+        return self.batch.step if self.batch is not None and self.taken > self.done else 0
+
+    @property
     def progress(self) -> float:
         """Fraction done; a failed or cancelled request keeps the fraction it reached."""
         if self.succeeded:
             return 1.0
-        return (self.done + (self.step / self.params.steps if self.taken > self.done else 0)) / self.n
+        in_flight = (self.taken - self.done) * self.step / self.params.steps
+        return (self.done + in_flight) / self.n
 
 
 # Peak memory of an SD-style VAE decoder per output pixel in half precision, generously rounded
@@ -173,24 +203,25 @@ class Engine:
         self.settings = settings
         self.metrics = metrics or Metrics(settings.max_batch)
         self.model = model
-        self.state = "created"  # created, loading, warming, ready, failed, draining, stopped
+        self.state = EngineState.CREATED
         self.error: str | None = None
         self._queue: collections.deque[GenRequest] = collections.deque()
         self._cond = threading.Condition()
         self._running: list[GenRequest] = []
+        self.running: Batch | None = None  # the pipeline call in progress
+        self.last_batch: Batch | None = None
         self._stop = False
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
-        self._finished = threading.Event()
         self.on_failure: Callable[[str], None] | None = None
         # Test hook, not a setting: called with the image count before every pipeline call,
         # warm-up included, on the worker thread. Tests use it to inject an out-of-memory
         # error or to hold the worker. Nothing in production sets it.
         self.before_pipeline_call: Callable[[int], None] | None = None
-        self.current: dict[str, Any] = {}
-        self.phase = "starting"  # worker: idle, gathering (batch wait window), running
+        self.phase = Phase.IDLE
         # (params, requests, monotonic end) of the last batch, for the rejoin window.
         self._last_batch: tuple[GenParams, int, float] | None = None
+        self.metrics.watch_engine(self)
 
     # lifecycle ----------------------------------------------------------------
     def start(self) -> Engine:
@@ -200,17 +231,16 @@ class Engine:
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         self._ready.wait(timeout)
-        return self.state == "ready"
+        return self.ready
 
     @property
     def ready(self) -> bool:
-        return self.state == "ready"
+        return self.state == EngineState.READY
 
     def refuse_new(self) -> None:
         with self._cond:
-            if self.state in ("ready", "warming", "loading", "created"):
-                self.state = "draining"
-            self.metrics.ready.set(0)
+            if self.state in _RUNNING:
+                self.state = EngineState.DRAINING
 
     @property
     def idle(self) -> bool:
@@ -256,24 +286,19 @@ class Engine:
     def _main(self) -> None:
         try:
             if self.model is None:
-                self.state = "loading"
+                self.state = EngineState.LOADING
                 self.model = load_pipeline(self.settings)
             if self.model.scheduler_config is None:
                 self.model.scheduler_config = dict(self.model.pipe.scheduler.config)
             self._base_scheduler_config = self.model.scheduler_config
-            self.state = "warming"
+            self.state = EngineState.WARMING
             self._warm_up()
             with self._cond:
-                if self.state == "warming" and not self._stop:  # a drain may have begun meanwhile
-                    self.state = "ready"
-                    self.metrics.ready.set(1)
+                if self.state == EngineState.WARMING and not self._stop:  # a drain may have begun
+                    self.state = EngineState.READY
         except Exception as e:  # start-up failure: reported, then the process exits non-zero
-            self.error = str(e) if isinstance(e, ModelError) else f"{type(e).__name__}: {e}"
-            self.state = "failed"
+            self._failed(str(e) if isinstance(e, ModelError) else f"{type(e).__name__}: {e}")
             log.error("start-up failed: %s", self.error, exc_info=not isinstance(e, ModelError))
-            self._ready.set()
-            if self.on_failure:
-                self.on_failure(self.error)
             return
         finally:
             self._ready.set()
@@ -281,21 +306,17 @@ class Engine:
             self._loop()
         except Exception as e:  # a bug in the engine: say so on /livez, so the supervisor restarts us
             log.exception("engine worker died")
-            self.error = f"engine worker died: {type(e).__name__}: {e}"
-            with self._cond:
-                left = list(self._queue)
-                self._queue.clear()
-            for req in left:
-                self._fail(req, GenerationFailed(self.error))
-            self.state = "failed"
-            if self.on_failure:
-                self.on_failure(self.error)
+            self.abort(GenerationFailed(f"engine worker died: {type(e).__name__}"))
+            self._failed(f"engine worker died: {type(e).__name__}: {e}")
             return
-        finally:
-            self.metrics.ready.set(0)
-            if self.state != "failed":
-                self.state = "stopped"
-            self._finished.set()
+        with self._cond:
+            self.state = EngineState.STOPPED
+
+    def _failed(self, error: str) -> None:
+        self.error = error
+        self.state = EngineState.FAILED
+        if self.on_failure:
+            self.on_failure(error)
 
     def _warm_up(self) -> None:
         sizes = self.settings.warmup_size_list() or [self.model.native_size]
@@ -326,10 +347,10 @@ class Engine:
         """Queue a request. `key_queue_limit`: most requests one key may have waiting."""
         req = GenRequest(params, prompt, negative_prompt, seeds, key_name=key_name, request_id=request_id)
         with self._cond:
-            if self.state == "draining" or self._stop:
+            if self.state == EngineState.DRAINING or self._stop:
                 self.metrics.rejected.labels("draining").inc()
                 raise Draining("the service is shutting down; retry on another node")
-            if self.state != "ready":
+            if self.state != EngineState.READY:
                 self.metrics.rejected.labels("not_ready").inc()
                 raise NotReady(f"the model is not ready yet (state: {self.state})")
             if len(self._queue) >= self.settings.queue_size:
@@ -345,7 +366,6 @@ class Engine:
                         f"this key has {waiting} requests waiting, its limit (SDSERVE_MAX_QUEUED_PER_KEY); retry later"
                     )
             self._queue.append(req)
-            self.metrics.queue_depth.set(len(self._queue))
             self._cond.notify_all()
         return req
 
@@ -356,7 +376,6 @@ class Engine:
             req.cancelled = True
             if req in self._queue and req.taken == 0:
                 self._queue.remove(req)
-                self.metrics.queue_depth.set(len(self._queue))
                 self._cond.notify_all()  # a worker waiting for this request's batch-mates re-checks
         if not req.future.done():
             self._fail(req, Cancelled("cancelled"))
@@ -374,14 +393,14 @@ class Engine:
         while True:
             with self._cond:
                 while not self._queue and not self._stop:
-                    self.phase = "idle"
+                    self.phase = Phase.IDLE
                     self._cond.wait()
                 if not self._queue:
                     return  # stopping, nothing left
                 window = self._gather_window()
                 if window:
                     deadline, want_requests = window
-                    self.phase = "gathering"
+                    self.phase = Phase.GATHERING
                     gather_started = time.monotonic()
                     while (
                         self._queue  # a cancel may empty it while we wait
@@ -397,8 +416,7 @@ class Engine:
                     if not self._queue:
                         continue
                 items = self._take_batch()
-                self.phase = "running"
-                self.metrics.queue_depth.set(len(self._queue))
+                self.phase = Phase.RUNNING
             if items:
                 self._run(items)
                 requests = len({id(r) for r, _ in items})
@@ -531,12 +549,10 @@ class Engine:
         for (req, i), img, flag in zip(items, images, nsfw, strict=True):
             if req.future.done():
                 continue
-            req.images[i] = img
-            req.nsfw[i] = flag
+            req.images[i] = Generated(img, flag)
             req.done += 1
             self.metrics.images.labels(req.key_name).inc()
             if req.done == req.n:
-                req.finished_at = time.monotonic()
                 with contextlib.suppress(InvalidStateError):
                     req.future.set_result(req.images)
 
@@ -544,9 +560,7 @@ class Engine:
         with self._cond:
             if req in self._queue:
                 self._queue.remove(req)
-                self.metrics.queue_depth.set(len(self._queue))
         if not req.future.done():
-            req.finished_at = time.monotonic()
             # The worker and the event loop may both finish a request; the first one wins.
             with contextlib.suppress(InvalidStateError):
                 req.future.set_exception(err)
@@ -568,13 +582,12 @@ class Engine:
             vae.enable_tiling() if big else vae.disable_tiling()
             slice_ = big or vae_slicing_needed(self.model.device, len(items), p.width, p.height, cuda_free())
             vae.enable_slicing() if slice_ else vae.disable_slicing()
+        batch = Batch(p, len(items))
         for r in distinct:
-            r.step = 0
+            r.batch = batch
 
         def on_step(pipeline, step, timestep, kwargs):
-            for r in distinct:
-                r.step = step + 1
-            self.current["step"] = step + 1
+            batch.step = step + 1
             if all(r.cancelled for r in distinct):
                 pipeline._interrupt = True  # diffusers pipelines check this each step
             return kwargs
@@ -582,24 +595,26 @@ class Engine:
         kwargs: dict[str, Any] = {}
         if p.eta is not None and p.scheduler.sampler.name == "DDIM":
             kwargs["eta"] = p.eta
-        self.current = {"step": 0, "steps": p.steps, "batch": len(items), "started": time.time()}
-        if self.before_pipeline_call is not None:
-            self.before_pipeline_call(len(items))
-        t = time.perf_counter()
-        with torch.inference_mode():
-            out = pipe(
-                prompt=[r.prompt for r in reqs],
-                negative_prompt=[r.negative_prompt for r in reqs] if p.has_negative else None,
-                width=p.width,
-                height=p.height,
-                num_inference_steps=p.steps,
-                guidance_scale=p.guidance,
-                generator=generators,
-                output_type="pil",
-                callback_on_step_end=on_step,
-                **kwargs,
-            )
-        seconds = time.perf_counter() - t
-        self.current = {}
+        self.running = batch
+        try:
+            if self.before_pipeline_call is not None:
+                self.before_pipeline_call(len(items))
+            t = time.perf_counter()
+            with torch.inference_mode():
+                out = pipe(
+                    prompt=[r.prompt for r in reqs],
+                    negative_prompt=[r.negative_prompt for r in reqs] if p.has_negative else None,
+                    width=p.width,
+                    height=p.height,
+                    num_inference_steps=p.steps,
+                    guidance_scale=p.guidance,
+                    generator=generators,
+                    output_type="pil",
+                    callback_on_step_end=on_step,
+                    **kwargs,
+                )
+            seconds = time.perf_counter() - t
+        finally:
+            self.running, self.last_batch = None, batch
         nsfw = getattr(out, "nsfw_content_detected", None) or [False] * len(items)
         return out.images, [bool(x) for x in nsfw], seconds

@@ -1,4 +1,6 @@
-"""Error bodies, one shape per API, and how the OpenAPI document describes them.
+"""Every error the service answers, in one place: what it refuses (Problem), what the engine
+fails with (EngineError and its kinds), the body each API answers them with, and how the OpenAPI
+document describes them.
 
 OpenAI's routes (and the service's own) answer `{"error": {message, type, param, code}}`, as
 OpenAI's clients expect. A1111's routes answer `{"error", "detail", "param", "errors"}`: `error`
@@ -55,6 +57,66 @@ class Problem(Exception):
         self.status = status
         self.code = code
         self.headers = headers or {}
+
+
+class AuthError(Problem):
+    def __init__(self, message: str) -> None:
+        super().__init__(
+            message,
+            status=401,
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": 'Bearer realm="sdserve", Basic realm="sdserve"'},
+        )
+
+
+class EngineError(Problem):
+    """What the engine fails a request with; each kind has its status and code."""
+
+    status = 503
+    code = "engine_error"
+    retry_after: str | None = "5"
+
+    def __init__(self, message: str) -> None:
+        headers = {"Retry-After": self.retry_after} if self.retry_after else {}
+        super().__init__(message, status=type(self).status, code=type(self).code, headers=headers)
+
+
+class QueueFull(EngineError):
+    status, code, retry_after = 429, "queue_full", "1"
+
+
+class KeyQueueFull(QueueFull):
+    code = "key_queue_full"
+
+
+class NotReady(EngineError):
+    code = "not_ready"
+
+
+class Draining(EngineError):
+    code = "shutting_down"
+
+
+class OutOfMemory(EngineError):
+    code = "out_of_memory"
+
+
+class Cancelled(EngineError):
+    status, code, retry_after = 499, "cancelled", None
+
+
+class GenerationFailed(EngineError):
+    status, code, retry_after = 500, "generation_failed", None
+
+
+class InputFailed(EngineError):
+    """A request whose generation failed alone, on its own input, while its batch-mates succeeded."""
+
+    status, code, retry_after = 422, "invalid_input", None
+
+
+class TimedOut(EngineError):
+    status, code, retry_after = 504, "timeout", None
 
 
 def error_type(status: int) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import io
 import time
 from dataclasses import dataclass
@@ -47,10 +46,6 @@ def encode_png(image, parameters: str) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG", pnginfo=meta, compress_level=4)
     return buf.getvalue()
-
-
-def encode_b64_png(image, parameters: str) -> str:
-    return base64.b64encode(encode_png(image, parameters)).decode("ascii")
 
 
 def expired(path: Path, retention_s: float, now: float | None = None) -> bool:

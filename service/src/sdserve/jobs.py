@@ -1,23 +1,23 @@
-"""Async jobs: POST /v1/jobs answers 202 with an id; GET /v1/jobs/{id} gives status,
-progress and, when done, the body POST /v1/images/generations would have given."""
+"""Async jobs: a generation that outlives its HTTP request. The store holds each job until it has
+been finished for JOB_TTL_S; its result is whatever body the front door renders from the images
+(the routes are in api/jobs.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
-
-from .api_openai import ImageGenerationRequest, params_for, render
-from .engine import EngineError, GenRequest
-from .errors import BODY, responses
-from .service import Service, authenticate, new_id
-from .validation import Problem
+from .engine import GenRequest
+from .errors import EngineError, Problem
+from .generation import Generations, GenerationSpec, Image, new_id
+from .settings import Settings
 
 log = logging.getLogger("sdserve.jobs")
-router = APIRouter()
+
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+Render = Callable[[list[Image]], Awaitable[dict]]
 
 
 class Job:
@@ -47,7 +47,7 @@ class Job:
             "status": self.status,
             "created": self.created,
             "progress": {
-                "step": r.step if r.taken > r.done else (r.params.steps if r.done == r.n else 0),
+                "step": r.params.steps if r.succeeded else r.step,
                 "steps": r.params.steps,
                 "images_done": r.done,
                 "images": r.n,
@@ -62,22 +62,24 @@ class Job:
 
 
 class JobStore:
-    def __init__(self, service: Service) -> None:
-        self.service = service
+    def __init__(self, settings: Settings, generations: Generations, key_count: Callable[[], int]) -> None:
+        self.settings = settings
+        self.generations = generations
+        self._key_count = key_count
         self.jobs: dict[str, Job] = {}
 
-    def create(self, body: ImageGenerationRequest, base_url: str, key_name: str, request_id: str) -> Job:
+    def create(self, spec: GenerationSpec, key_name: str, request_id: str, render: Render) -> Job:
         self.expire()
-        if len(self.jobs) >= self.service.settings.max_jobs:
+        if len(self.jobs) >= self.settings.max_jobs:
             raise Problem(
                 f"{len(self.jobs)} jobs are held (SDSERVE_MAX_JOBS); fetch or delete finished ones, or retry later",
                 status=429,
                 code="too_many_jobs",
                 headers={"Retry-After": "5"},
             )
-        if len(self.service.keys) > 1:  # shares matter only between keys
+        if self._key_count() > 1:  # shares matter only between keys
             held = sum(1 for j in self.jobs.values() if j.owner == key_name)
-            limit = self.service.settings.per_key_limits()[1]
+            limit = self.settings.per_key_limits()[1]
             if held >= limit:
                 raise Problem(
                     f"this key holds {held} jobs, its limit (SDSERVE_MAX_JOBS_PER_KEY); delete finished ones, or retry later",
@@ -85,22 +87,18 @@ class JobStore:
                     code="too_many_jobs_for_key",
                     headers={"Retry-After": "5"},
                 )
-        params, _, _ = params_for(self.service, body)
-        req = self.service.submit(
-            params, body.prompt, body.negative_prompt or "", body.n, body.seed, key_name, request_id
-        )
-        job = Job(key_name, req)
+        job = Job(key_name, self.generations.submit(spec, key_name, request_id))
         self.jobs[job.id] = job
-        job.task = asyncio.ensure_future(self._finish(job, body, params, base_url))
+        job.task = asyncio.ensure_future(self._finish(job, spec, render))
         return job
 
-    async def _finish(self, job: Job, body, params, base_url: str) -> None:
+    async def _finish(self, job: Job, spec: GenerationSpec, render: Render) -> None:
         try:
-            images = await asyncio.wrap_future(job.req.future)
-            job.result = await render(self.service, base_url, body, params, job.req.seeds, images)
+            generated = await asyncio.wrap_future(job.req.future)
+            job.result = await render(self.generations.images(spec, job.req, generated))
         except EngineError as e:
             job.error = {
-                "message": str(e),
+                "message": e.message,
                 "type": "server_error" if e.status >= 500 else "invalid_request_error",
                 "code": e.code,
             }
@@ -118,17 +116,25 @@ class JobStore:
         self.expire()
         job = self.jobs.get(job_id)
         # Another key's job reads as missing: ids must not leak whose work exists.
-        if job is None or (job.owner != key_name and self.service.keys.enabled):
+        if job is None or (job.owner != key_name and self._key_count() > 0):
             raise Problem(
-                f"no job {job_id!r} (finished jobs are kept {self.service.settings.job_ttl_s:g}s)",
+                f"no job {job_id!r} (finished jobs are kept {self.settings.job_ttl_s:g}s)",
                 "id",
                 status=404,
                 code="not_found",
             )
         return job
 
+    async def remove(self, job: Job) -> None:
+        """Cancel a queued or running job and forget it."""
+        if job.status in ("queued", "running"):
+            self.generations.engine.cancel(job.req)
+            if job.task:
+                await asyncio.wait({job.task}, timeout=5)
+        self.jobs.pop(job.id, None)
+
     def expire(self) -> None:
-        ttl = self.service.settings.job_ttl_s
+        ttl = self.settings.job_ttl_s
         now = time.monotonic()
         for job_id in [
             j.id for j in self.jobs.values() if j.finished_at is not None and now - j.finished_at > ttl
@@ -137,48 +143,16 @@ class JobStore:
 
     async def janitor(self) -> None:
         while True:
-            await asyncio.sleep(min(30.0, self.service.settings.job_ttl_s / 2))
+            await asyncio.sleep(min(30.0, self.settings.job_ttl_s / 2))
             self.expire()
 
-    def update_metrics(self) -> None:
-        counts = {"queued": 0, "running": 0, "succeeded": 0, "failed": 0, "cancelled": 0}
-        for job in self.jobs.values():
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(STATUSES, 0)
+        for job in list(self.jobs.values()):
             counts[job.status] += 1
-        for status, count in counts.items():
-            self.service.metrics.jobs.labels(status).set(count)
-
-    async def remove(self, job: Job) -> None:
-        """Cancel a queued or running job and forget it."""
-        if job.status in ("queued", "running"):
-            self.service.engine.cancel(job.req)
-            if job.task:
-                await asyncio.wait({job.task}, timeout=5)
-        self.jobs.pop(job.id, None)
+        return counts
 
     async def drain(self, timeout: float) -> None:
         tasks = [j.task for j in self.jobs.values() if j.task and not j.task.done()]
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
-
-
-@router.post("/v1/jobs", status_code=202, responses=responses(*BODY, 401, 404, 429, 503))
-async def create_job(body: ImageGenerationRequest, request: Request, key_name: str = Depends(authenticate)):
-    service: Service = request.app.state.service
-    job = service.jobs.create(body, service.public_base(request), key_name, request.state.request_id)
-    return JSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
-
-
-@router.get("/v1/jobs/{job_id}", responses=responses(401, 404))
-async def get_job(job_id: str, request: Request, key_name: str = Depends(authenticate)):
-    service: Service = request.app.state.service
-    return service.jobs.get(job_id, key_name).view()
-
-
-@router.delete("/v1/jobs/{job_id}", responses=responses(401, 404))
-async def delete_job(job_id: str, request: Request, key_name: str = Depends(authenticate)):
-    """Cancel a queued or running job and remove it (a running batch stops at its next step when all
-    its requests are cancelled); answers the job as it ended. Afterwards the id answers 404."""
-    service: Service = request.app.state.service
-    job = service.jobs.get(job_id, key_name)
-    await service.jobs.remove(job)
-    return job.view()

@@ -1,4 +1,5 @@
-"""Prometheus metrics. One registry per app, so several apps (tests) never collide."""
+"""Prometheus metrics. One registry per app, so several apps (tests) never collide. What is state
+rather than a count (queue depth, readiness, keys, jobs) is read at scrape time from its owner."""
 
 from __future__ import annotations
 
@@ -57,6 +58,17 @@ class _Keys:
         yield reloads
 
 
+class _Jobs:
+    def __init__(self, jobs) -> None:
+        self.jobs = jobs
+
+    def collect(self):
+        family = GaugeMetricFamily("sdserve_jobs", "Async jobs held, by status", labels=["status"])
+        for status, count in self.jobs.counts().items():
+            family.add_metric([status], count)
+        yield family
+
+
 class Metrics:
     def __init__(self, max_batch: int) -> None:
         r = self.registry = CollectorRegistry()
@@ -108,8 +120,14 @@ class Metrics:
             "sdserve_rejected", "Requests refused before queueing", ["reason"], registry=r
         )
         self.ready = Gauge("sdserve_ready", "1 when the model is loaded and warmed up", registry=r)
-        self.jobs = Gauge("sdserve_jobs", "Async jobs held, by status", ["status"], registry=r)
         r.register(_GpuMemory())
+
+    def watch_engine(self, engine) -> None:
+        self.queue_depth.set_function(lambda: engine.queue_depth)
+        self.ready.set_function(lambda: 1 if engine.ready else 0)
 
     def watch_keys(self, keys) -> None:
         self.registry.register(_Keys(keys))
+
+    def watch_jobs(self, jobs) -> None:
+        self.registry.register(_Jobs(jobs))

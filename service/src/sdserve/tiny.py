@@ -75,7 +75,28 @@ def _tiny_text_config(tokenizer) -> dict:
     )
 
 
-def save_sd1_pipeline(out: Path, unet, vae, text_encoder, tokenizer) -> Path:
+def _tiny_safety_checker():
+    """A tiny random safety checker that flags every image (its concept thresholds are below any
+    cosine similarity), so tests can see a verdict reach a response; and its image processor."""
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    config = CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2},
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4,
+                       "num_hidden_layers": 2, "image_size": 32, "patch_size": 8},
+        projection_dim=32,
+    )  # fmt: skip
+    checker = StableDiffusionSafetyChecker(config)
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(-2.0)
+        checker.special_care_embeds_weights.fill_(-2.0)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return checker, processor
+
+
+def save_sd1_pipeline(out: Path, unet, vae, text_encoder, tokenizer, safety_checker: bool = False) -> Path:
     """Assemble SD 1.x components into a StableDiffusionPipeline with the scheduler config of SD 1.x
     checkpoints (the service builds its own scheduler per call from it) and save it in diffusers format."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
@@ -89,23 +110,27 @@ def save_sd1_pipeline(out: Path, unet, vae, text_encoder, tokenizer) -> Path:
         skip_prk_steps=True,
         steps_offset=1,
     )
+    checker, processor = _tiny_safety_checker() if safety_checker else (None, None)
     pipe = StableDiffusionPipeline(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        safety_checker=checker,
+        feature_extractor=processor,
+        requires_safety_checker=safety_checker,
     )
     pipe.save_pretrained(out, safe_serialization=True)
     return out
 
 
-def make_tiny_model(directory: str | Path, seed: int = 0, kind: str = "sd") -> Path:
+def make_tiny_model(
+    directory: str | Path, seed: int = 0, kind: str = "sd", safety_checker: bool = False
+) -> Path:
     """Write the tiny pipeline to `directory` (created if missing) and return its path.
-    kind: "sd" (SD 1.x layout, the default) or "sdxl" (two text encoders, text-time conditioning)."""
+    kind: "sd" (SD 1.x layout, the default) or "sdxl" (two text encoders, text-time conditioning).
+    safety_checker: add a tiny checker that flags every image (SD layout only)."""
     if kind == "sdxl":
         return _make_tiny_sdxl(Path(directory), seed)
     if kind != "sd":
@@ -141,7 +166,7 @@ def make_tiny_model(directory: str | Path, seed: int = 0, kind: str = "sd") -> P
     )
     tokenizer = generated_clip_tokenizer()
     text_encoder = CLIPTextModel(CLIPTextConfig(**_tiny_text_config(tokenizer)))
-    return save_sd1_pipeline(out, unet, vae, text_encoder, tokenizer)
+    return save_sd1_pipeline(out, unet, vae, text_encoder, tokenizer, safety_checker)
 
 
 def _make_tiny_sdxl(out: Path, seed: int) -> Path:

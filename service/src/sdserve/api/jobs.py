@@ -1,0 +1,44 @@
+"""Async jobs over HTTP: POST /v1/jobs takes the body of /v1/images/generations and answers 202;
+GET /v1/jobs/{id} gives status, progress and, when done, the body the synchronous route gives."""
+
+from __future__ import annotations
+
+from functools import partial
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+from ..errors import BODY, responses
+from .deps import KeyName, PublicBase, RequestId, ServiceDep
+from .openai import ImageGenerationRequest, render, spec_of
+
+router = APIRouter(tags=["jobs"])
+
+
+@router.post("/v1/jobs", status_code=202, responses=responses(*BODY, 401, 404, 429, 503))
+async def create_job(
+    body: ImageGenerationRequest,
+    service: ServiceDep,
+    key_name: KeyName,
+    request_id: RequestId,
+    base_url: PublicBase,
+):
+    spec = spec_of(service, body)
+    job = service.jobs.create(
+        spec, key_name, request_id, partial(render, service.generations, base_url, body)
+    )
+    return JSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+@router.get("/v1/jobs/{job_id}", responses=responses(401, 404))
+async def get_job(job_id: str, service: ServiceDep, key_name: KeyName):
+    return service.jobs.get(job_id, key_name).view()
+
+
+@router.delete("/v1/jobs/{job_id}", responses=responses(401, 404))
+async def delete_job(job_id: str, service: ServiceDep, key_name: KeyName):
+    """Cancel a queued or running job and remove it (a running batch stops at its next step when all
+    its requests are cancelled); answers the job as it ended. Afterwards the id answers 404."""
+    job = service.jobs.get(job_id, key_name)
+    await service.jobs.remove(job)
+    return job.view()

@@ -1,0 +1,186 @@
+"""OpenAI Images API: POST /v1/images/generations, GET /v1/models, and the files url results name."""
+
+from __future__ import annotations
+
+import re
+import time
+from functools import partial
+from typing import Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..engine import MAX_SEED
+from ..errors import BODY, Problem, responses
+from ..generation import Generations, GenerationSpec, Image, make_spec
+from ..images import expired
+from ..service import Service
+from ..settings import parse_size
+from ..validation import RequestModel
+from .deps import KeyName, PublicBase, RequestId, ServiceDep, client_gone
+
+router = APIRouter(tags=["openai"])
+
+
+class ImageGenerationRequest(RequestModel):
+    """OpenAI's fields, plus negative_prompt, seed, steps, guidance_scale, scheduler."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, description="What to draw.")
+    model: str | None = Field(
+        None, description="The loaded model's id (see GET /v1/models); omitted: the loaded model."
+    )
+    n: int = Field(1, ge=1, le=256, description="Images to generate (at most SDSERVE_MAX_IMAGES).")
+    size: str | None = Field(
+        None,
+        pattern=r"^[0-9]{1,5}x[0-9]{1,5}$",
+        description='"WxH", multiples of 8; omitted: the model\'s native size.',
+    )
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    user: str | None = Field(
+        None,
+        max_length=256,
+        description="Accepted and ignored, as a hint for abuse tracking in OpenAI's API.",
+    )
+    quality: Literal["auto", "standard"] | None = Field(
+        None, description='Only "auto"/"standard": steps set quality here.'
+    )
+    output_format: Literal["png"] | None = None
+    negative_prompt: str | None = None
+    seed: int | None = Field(
+        None,
+        ge=-1,
+        le=MAX_SEED,
+        description="Seed of the first image; image i uses seed+i. -1 or omitted: random.",
+    )
+    steps: int | None = Field(None, ge=1, description="Denoising steps (default SDSERVE_DEFAULT_STEPS).")
+    guidance_scale: float | None = Field(None, ge=0, le=30)
+    scheduler: str | None = Field(
+        None, description='A1111 sampler and schedule type, e.g. "DPM++ 2M Karras", "Euler a", "PNDM".'
+    )
+
+
+class ImageData(BaseModel):
+    b64_json: str | None = None
+    url: str | None = None
+    revised_prompt: str | None = None
+    seed: int
+    nsfw: bool | None = Field(
+        None,
+        description="Only with SDSERVE_SAFETY_CHECKER: the model's checker flagged (and blacked out) it.",
+    )
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    output_format: str = "png"
+    size: str
+
+
+def spec_of(service: Service, body: ImageGenerationRequest) -> GenerationSpec:
+    """The request as a generation spec; a Problem names the field at fault."""
+    s = service.settings
+    if body.model is not None and body.model != service.model_id:
+        raise Problem(
+            f"model: {body.model!r} is not served here; the loaded model is {service.model_id!r}",
+            "model",
+            status=404,
+            code="model_not_found",
+        )
+    if body.response_format == "url" and s.output_dir is None:
+        raise Problem(
+            "response_format: url needs SDSERVE_OUTPUT_DIR on the server; use b64_json", "response_format"
+        )
+    width, height = parse_size(body.size) if body.size else service.native_size
+    return make_spec(
+        s,
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt or "",
+        width=width,
+        height=height,
+        n=body.n,
+        steps=body.steps,
+        guidance=body.guidance_scale,
+        sampler=body.scheduler,
+        seed=body.seed,
+        names={"width": "size", "height": "size", "pixels": "n"},
+    )
+
+
+async def render(
+    generations: Generations, base_url: str, body: ImageGenerationRequest, images: list[Image]
+) -> dict:
+    """The response body for finished images (the synchronous route's and a job's result)."""
+    data = []
+    checked = generations.settings.safety_checker
+    for image in images:
+        item: dict = {"revised_prompt": body.prompt, "seed": image.seed}
+        if body.response_format == "url":
+            item["url"] = f"{base_url}/v1/images/files/{await generations.save(image)}"
+        else:
+            item["b64_json"] = await generations.b64_png(image)
+        if checked:
+            item["nsfw"] = image.nsfw
+        data.append(item)
+    p = images[0] if images else None
+    return {
+        "created": int(time.time()),
+        "data": data,
+        "output_format": "png",
+        "size": f"{p.picture.width}x{p.picture.height}" if p else "",
+    }
+
+
+@router.post(
+    "/v1/images/generations",
+    response_model=ImagesResponse,
+    response_model_exclude_none=True,
+    responses=responses(*BODY, 401, 404, 429, 500, 503, 504),
+)
+async def generations(
+    body: ImageGenerationRequest, service: ServiceDep, key_name: KeyName, request_id: RequestId,
+    base_url: PublicBase, request: Request,
+):  # fmt: skip
+    spec = spec_of(service, body)
+    images = await service.generations.run(spec, key_name, request_id, partial(client_gone, request))
+    return await render(service.generations, base_url, body, images)
+
+
+# The names Generations.save gives written images; nothing else is ever looked up on disk.
+IMAGE_NAME = re.compile(r"[a-z0-9]{1,16}-[0-9]{1,12}-[0-9a-f]{16}\.png")
+
+
+@router.get(
+    "/v1/images/files/{name}",
+    response_class=FileResponse,
+    responses={200: {"content": {"image/png": {}}, "description": "The PNG."}, **responses(404)},
+)
+async def image_file(name: str, service: ServiceDep):
+    """Images written for response_format=url. The random name is the capability (as OpenAI's signed URLs)."""
+    out = service.settings.output_dir
+    if out is None or not IMAGE_NAME.fullmatch(name):
+        raise Problem("no such image", "name", status=404, code="not_found")
+    path = out / name
+    # Past the retention it is gone, even before the next sweep removes the file.
+    if not path.is_file() or expired(path, service.settings.output_retention_s):
+        raise Problem("no such image", "name", status=404, code="not_found")
+    return FileResponse(path, media_type="image/png")
+
+
+def _model(service: Service) -> dict:
+    return {"id": service.model_id, "object": "model", "created": 0, "owned_by": "sdserve"}
+
+
+@router.get("/v1/models", responses=responses(401))
+async def models(service: ServiceDep, key_name: KeyName):
+    return {"object": "list", "data": [_model(service)]}
+
+
+@router.get("/v1/models/{model_id:path}", responses=responses(401, 404))
+async def model(model_id: str, service: ServiceDep, key_name: KeyName):
+    if model_id != service.model_id:
+        raise Problem(f"model {model_id!r} is not served here", "model", status=404, code="model_not_found")
+    return _model(service)

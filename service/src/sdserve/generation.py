@@ -1,0 +1,231 @@
+"""The one generation flow every front door uses, free of HTTP:
+
+    request fields -> GenerationSpec (checked against the settings) -> the engine
+    -> Image (picture, seed, infotext, safety verdict) -> encoded output (PNG, base64, a file)
+
+The OpenAI and A1111 routes and the jobs differ only in how they map their fields to a spec and
+how they shape the response; everything between is here, and testable without FastAPI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from .engine import Engine, GenParams, GenRequest, pick_seed
+from .errors import Cancelled, Problem, TimedOut
+from .images import Infotext, encode_png
+from .schedulers import UnknownScheduler, resolve
+from .settings import Settings
+
+log = logging.getLogger("sdserve.generation")
+
+# Starts waiting for the client to go away: what a front door passes, so the flow knows no HTTP.
+Gone = Callable[[], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """What to generate, already checked against the settings' limits."""
+
+    prompt: str
+    negative_prompt: str
+    params: GenParams
+    n: int
+    seed: int | None = None  # the first image's; image i gets seed + i. None or -1: random
+
+
+def make_spec(
+    settings: Settings,
+    *,
+    prompt: str,
+    negative_prompt: str,
+    width: int,
+    height: int,
+    n: int,
+    steps: int | None,
+    guidance: float | None,
+    sampler: str | None,
+    schedule: str | None = None,
+    seed: int | None = None,
+    eta: float | None = None,
+    names: dict[str, str] | None = None,
+) -> GenerationSpec:
+    """A spec from a front door's fields, checked against the settings' limits. A Problem (422) names
+    the field at fault in the API's own words: `names` maps prompt, negative_prompt, width, height,
+    n, steps, scheduler, schedule and pixels to them."""
+    f = {k: k for k in ("prompt", "negative_prompt", "width", "height", "n", "steps", "scheduler")}
+    f.update({"schedule": "scheduler", "pixels": "size", **(names or {})})
+    for text, key in ((prompt, "prompt"), (negative_prompt, "negative_prompt")):
+        if len(text) > settings.max_prompt_chars:
+            raise Problem(
+                f"{f[key]} is {len(text)} characters; the limit is {settings.max_prompt_chars}", f[key]
+            )
+    for key, value in (("width", width), ("height", height)):
+        if value % 8 or not 64 <= value <= settings.max_side:
+            raise Problem(
+                f"{f[key]}: {key} {value} must be a multiple of 8 between 64 and {settings.max_side}", f[key]
+            )
+    if not 1 <= n <= settings.max_images:
+        raise Problem(f"{f['n']}: {n} images asked; allowed 1 to {settings.max_images}", f["n"])
+    if n * width * height > settings.max_pixels:
+        raise Problem(
+            f"{f['pixels']}: {n} x {width}x{height} = {n * width * height} pixels is above the per-request budget of {settings.max_pixels}",
+            f["pixels"],
+        )
+    steps = settings.default_steps if steps is None else steps
+    if not 1 <= steps <= settings.max_steps:
+        raise Problem(f"{f['steps']}: {steps} steps; allowed 1 to {settings.max_steps}", f["steps"])
+    try:
+        choice = resolve(
+            sampler or settings.default_scheduler,
+            schedule,
+            field_name=f["scheduler"],
+            schedule_field=f["schedule"],
+        )
+    except UnknownScheduler as e:
+        raise Problem(str(e), f["schedule"] if e.part == "schedule" else f["scheduler"]) from e
+    limit = choice.sampler.max_steps
+    if limit is not None and steps > limit:
+        raise Problem(
+            f"{f['steps']}: {steps} steps; {choice.sampler.name} allows at most {limit}", f["steps"]
+        )
+    if eta is not None and choice.sampler.ancestral and eta != 1.0:
+        raise Problem(f"eta: {eta} is not supported with {choice.sampler.name}; only 1.0", "eta")
+    guidance = settings.default_guidance if guidance is None else guidance
+    params = GenParams(
+        width,
+        height,
+        steps,
+        float(guidance),
+        choice,
+        bool(negative_prompt),
+        eta if choice.sampler.name == "DDIM" else None,
+    )
+    return GenerationSpec(prompt, negative_prompt, params, n, seed)
+
+
+@dataclass
+class Image:
+    """One generated image, with what a response says of it."""
+
+    picture: Any  # a PIL image
+    seed: int
+    infotext: str  # A1111's "parameters" text, also written into the PNG
+    nsfw: bool  # flagged (and blacked out) by the model's safety checker; False without one
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{int(time.time())}-{secrets.token_hex(8)}"
+
+
+class Generations:
+    """Submit a spec to the engine, wait for its images, encode them."""
+
+    def __init__(self, settings: Settings, engine: Engine, model_id, key_count, png_pool: ThreadPoolExecutor):
+        self.settings = settings
+        self.engine = engine
+        self._model_id = model_id  # () -> str, the loaded model's id
+        self._key_count = key_count  # () -> int, keys in force
+        self.png_pool = png_pool
+
+    def submit(self, spec: GenerationSpec, key_name: str, request_id: str) -> GenRequest:
+        first = pick_seed(spec.seed)
+        p = spec.params
+        extra = {
+            "images": spec.n,
+            "size": f"{p.width}x{p.height}",
+            "steps": p.steps,
+            "scheduler": p.scheduler.label,
+            "seed": first,
+            "key": key_name,
+        }
+        if self.settings.log_prompts:  # off by default: prompts can be personal data
+            extra.update(prompt=spec.prompt, negative_prompt=spec.negative_prompt)
+        log.info("generation requested", extra=extra)
+        # Shares of the queue matter only between keys: with one key (or none) it may use it all.
+        key_limit = self.settings.per_key_limits()[0] if self._key_count() > 1 else None
+        return self.engine.submit(
+            p,
+            spec.prompt,
+            spec.negative_prompt,
+            [first + i for i in range(spec.n)],
+            key_name=key_name,
+            request_id=request_id,
+            key_queue_limit=key_limit,
+        )
+
+    def images(self, spec: GenerationSpec, req: GenRequest, generated: list) -> list[Image]:
+        """The engine's results as Images, each with its seed and infotext."""
+        model = self._model_id()
+        return [
+            Image(
+                g.image,
+                seed,
+                str(Infotext(spec.prompt, spec.negative_prompt, spec.params, seed, model)),
+                g.nsfw,
+            )
+            for seed, g in zip(req.seeds, generated, strict=True)
+        ]
+
+    async def wait(self, spec: GenerationSpec, req: GenRequest, gone: Gone | None = None) -> list[Image]:
+        """The images of a submitted request. The client going away (what `gone()` returns
+        completing) or the request timeout cancels it."""
+        result = asyncio.wrap_future(req.future)
+        watcher = asyncio.ensure_future(gone()) if gone is not None else None
+        try:
+            done, _ = await asyncio.wait(
+                {result} | ({watcher} if watcher else set()),
+                timeout=self.settings.request_timeout_s,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+        if result in done:
+            return self.images(spec, req, result.result())
+        self.engine.cancel(req)
+        result.cancel()
+        if watcher is not None and watcher in done:
+            log.info("client disconnected; request cancelled")
+            raise Cancelled("client disconnected")
+        raise TimedOut(
+            f"the request did not finish within {self.settings.request_timeout_s:g}s "
+            "(SDSERVE_REQUEST_TIMEOUT_S); use POST /v1/jobs for long work"
+        )
+
+    async def run(
+        self, spec: GenerationSpec, key_name: str, request_id: str, gone: Gone | None = None
+    ) -> list[Image]:
+        return await self.wait(spec, self.submit(spec, key_name, request_id), gone)
+
+    async def png(self, image: Image) -> bytes:
+        return await self._off_loop(encode_png, image.picture, image.infotext)
+
+    async def b64_png(self, image: Image) -> str:
+        return base64.b64encode(await self.png(image)).decode("ascii")
+
+    async def save(self, image: Image, prefix: str = "img", png: bytes | None = None) -> str:
+        """Write the PNG (encoded here unless given) into OUTPUT_DIR under a new random name (the
+        capability a URL carries); returns the name."""
+        name = f"{new_id(prefix)}.png"
+        png = png if png is not None else await self.png(image)
+        await self._off_loop(_write, self.settings.output_dir / name, png)
+        return name
+
+    async def _off_loop(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.png_pool, fn, *args)
+
+
+def _write(path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".part")
+    tmp.write_bytes(data)
+    tmp.replace(path)
