@@ -14,6 +14,7 @@ from PIL import Image as PILImage
 from sdserve.engine import Engine
 from sdserve.errors import Cancelled, Problem, TimedOut
 from sdserve.generation import Generations, make_spec
+from sdserve.service import Service
 
 
 @pytest.fixture
@@ -74,3 +75,21 @@ def test_a_client_gone_cancels_and_a_timeout_answers_504(flow):
     with pytest.raises(TimedOut) as e:
         asyncio.run(f.run(long, "alice", "req-3"))
     assert e.value.status == 504 and "SDSERVE_REQUEST_TIMEOUT_S" in e.value.message
+
+
+def test_requests_still_encode_what_the_drain_let_finish(make_settings, tmp_path):
+    """SIGTERM: the drain ends when the engine's work is done, but the requests that work belongs
+    to encode their images after it; they must get them, not a 500."""
+    service = Service.build(make_settings(output_dir=tmp_path / "out"))
+    service.engine.start()
+    assert service.engine.wait_ready(60), service.engine.error
+
+    async def finish_then_encode() -> bytes:
+        images = await service.generations.run(spec(service.generations, n=1), "alice", "req-1")
+        assert await service.drain()
+        return await service.generations.png(images[0])
+
+    try:
+        assert asyncio.run(finish_then_encode()).startswith(b"\x89PNG")
+    finally:
+        service.close()

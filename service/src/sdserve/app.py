@@ -284,6 +284,7 @@ def create_app(settings: Settings, *, start_engine: bool = True) -> FastAPI:
             yield
         finally:
             finished = await service.drain()  # begun at SIGTERM already when run by `sdserve serve`
+            service.close()
             janitor.cancel()
             sweeper.cancel()
             if hup:

@@ -72,5 +72,8 @@ class Service:
         self.engine.refuse_new()
         clean = await asyncio.to_thread(self.engine.drain, self.settings.drain_timeout_s)
         await self.jobs.drain(5)  # their requests are finished or failed: only rendering is left
-        self.png_pool.shutdown(wait=True)
         return clean
+
+    def close(self) -> None:
+        """After the server has waited for its connections: requests still encode after the drain."""
+        self.png_pool.shutdown(wait=True)
