@@ -9,6 +9,7 @@ PYTHON      ?= python3
 INVENTORY   ?= inventory
 OS          ?= debian-12
 PLAYBOOK_ARGS ?=
+SMOKE_ARGS    ?=
 
 export SDNODE_STATE_DIR ?= $(CURDIR)/.sdnode
 export ANSIBLE_CONFIG   := $(CURDIR)/ansible.cfg
@@ -17,6 +18,8 @@ export PATH             := $(CURDIR)/$(BIN):$(PATH)
 # Caches that outlive a clone; a fresh machine simply fills them.
 export PIP_CACHE_DIR    ?= /var/cache/sdnode/pip
 
+# Before a fleet target: a missing, unparsable or empty INVENTORY stops it, naming the path.
+CHECK_INVENTORY  = $(BIN)/sdnode hosts -i $(INVENTORY) >/dev/null
 CONTROLLER_LOCKS := service/requirements/cpu-py311.txt ansible/requirements.txt
 SETUP_STAMP      := $(VENV)/.sdnode-setup
 
@@ -42,8 +45,8 @@ lint: setup ## ansible-lint (production profile), yamllint, ruff
 	@echo "==> lint"
 	$(BIN)/yamllint -s -c ansible/yamllint.yml .
 	$(BIN)/ansible-lint -q -c ansible/ansible-lint.yml playbooks roles
-	$(BIN)/ruff check service scripts tests
-	$(BIN)/ruff format --check service scripts tests
+	$(BIN)/ruff check service scripts tests playbooks
+	$(BIN)/ruff format --check service scripts tests playbooks
 
 unit: setup ## the service's suite and the controller-side unit tests
 	@echo "==> unit tests"
@@ -66,15 +69,18 @@ demo-clean: setup ## remove the demo node (the same OS=)
 	$(BIN)/python -m sdnode.demo --clean --os $(OS)
 
 deploy: setup ## site.yml against INVENTORY
+	$(CHECK_INVENTORY)
 	$(BIN)/ansible-playbook -i $(INVENTORY) playbooks/site.yml $(PLAYBOOK_ARGS)
 
-smoke: setup ## one sample generation per instance, images fetched to .sdnode/smoke
-	$(BIN)/ansible-playbook -i $(INVENTORY) playbooks/smoke.yml $(PLAYBOOK_ARGS)
+smoke: setup ## sdnode smoke $(SMOKE_ARGS): one generation per instance, PNGs and grid.png in .sdnode/smoke
+	$(BIN)/sdnode smoke -i $(INVENTORY) $(SMOKE_ARGS)
 
 verify: setup ## the testinfra suite against INVENTORY
+	$(CHECK_INVENTORY)
 	$(BIN)/pytest -p no:cacheprovider -v tests/node --hosts=ansible://sdnodes --ansible-inventory=$(INVENTORY)
 
 rollback: setup ## go back one release on every node of INVENTORY
+	$(CHECK_INVENTORY)
 	$(BIN)/ansible-playbook -i $(INVENTORY) playbooks/rollback.yml $(PLAYBOOK_ARGS)
 
 lock: setup ## regenerate the pinned, hash-checked locks

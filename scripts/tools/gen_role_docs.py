@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Keep the README's variables reference in step with each role's meta/argument_specs.yml.
+"""Keep the README's variables reference in step with the roles: types and descriptions from each
+role's meta/argument_specs.yml, defaults from its defaults/main.yml (their one source).
 
 .venv/bin/python scripts/tools/gen_role_docs.py          # rewrite the section in README.md
 .venv/bin/python scripts/tools/gen_role_docs.py --check  # exit 1 if README.md is stale (run by the tests)
@@ -26,25 +27,38 @@ def cell(value: object) -> str:
     return text.replace("|", "\\|")
 
 
+def role_defaults(role: str) -> dict:
+    """The role's public defaults: roles/<role>/defaults/main.yml is their one source."""
+    path = ROOT / "roles" / role / "defaults" / "main.yml"
+    data = yaml.safe_load(path.read_text()) if path.exists() else None
+    return {k: v for k, v in (data or {}).items() if not k.startswith("__")}
+
+
+def kind_of(opt: dict) -> str:
+    kind = opt.get("type", "str")
+    if kind == "list" and "elements" in opt:
+        kind = f"list of {opt['elements']}"
+    if "choices" in opt:
+        kind += ": " + " or ".join(f"`{c}`" if c != "" else '`""`' for c in opt["choices"])
+    return kind
+
+
 def role_table(role: str) -> str:
     spec = yaml.safe_load((ROOT / "roles" / role / "meta" / "argument_specs.yml").read_text())
     main = spec["argument_specs"]["main"]
+    defaults = role_defaults(role)
     lines = [f"### `{role}`", "", cell(main.get("short_description", "")), ""]
     lines += ["| variable | type | default | description |", "|---|---|---|---|"]
     for name, opt in sorted(main.get("options", {}).items()):
-        kind = opt.get("type", "str")
-        if kind == "list" and "elements" in opt:
-            kind = f"list of {opt['elements']}"
-        if "choices" in opt:
-            kind += " (" + ", ".join(map(str, opt["choices"])) + ")"
-        default = (
-            "**required**"
-            if opt.get("required")
-            else (f"`{cell(opt['default'])}`" if "default" in opt else "")
-        )
+        if opt.get("required"):
+            default = "**required**"
+        elif name in defaults:
+            default = f"`{cell(defaults[name])}`" if defaults[name] not in ("", None) else '`""`'
+        else:
+            default = "(unset)"
         desc = opt.get("description", "")
         desc = " ".join(desc) if isinstance(desc, list) else desc
-        lines.append(f"| `{name}` | {cell(kind)} | {default} | {cell(desc)} |")
+        lines.append(f"| `{name}` | {cell(kind_of(opt))} | {default} | {cell(desc)} |")
     return "\n".join(lines) + "\n"
 
 

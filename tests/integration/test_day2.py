@@ -7,11 +7,14 @@ state dir holding its api-keys/); `bootstrap` always boots its own password-logi
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
 import stat
 import subprocess
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +23,9 @@ import paramiko
 import pytest
 import yaml
 from PIL import Image
+from sdnode.day2.inventory import load_nodes
+from sdnode.day2.remote import NodeSession
+from sdnode.day2.service import MANIFEST
 
 from .conftest import STATE, explain, sdnode, tool
 
@@ -95,15 +101,37 @@ def node_hostvars(serving: Serving) -> dict:
     return json.loads(listing.stdout)
 
 
-def test_status_fails_when_an_instance_does_not_answer(serving: Serving, state: Path, tmp_path: Path) -> None:
-    """Same node, the inventory naming another port: the unit is active but nothing answers there."""
-    hostvars = node_hostvars(serving)
-    hostvars["sd_service_port_base"] = 7990
-    shifted = tmp_path / "shifted.yml"
-    shifted.write_text(
-        yaml.safe_dump({"all": {"children": {"sdnodes": {"hosts": {serving.node: hostvars}}}}})
-    )
-    proc = sdnode("status", "-i", str(shifted), "--json", state=state)
+@contextmanager
+def manifest_changed(serving: Serving, change: Callable[[dict], None]) -> Iterator[None]:
+    """The node's manifest as `change` leaves it, for the block; then the deploy's file, byte for byte."""
+    [node] = load_nodes(str(serving.inventory))
+    with NodeSession(node) as session:
+        rc, out, err = session.run(f"cat {MANIFEST}", sudo=True)
+        assert rc == 0, err
+        manifest = json.loads(out)
+        change(manifest)
+        b64 = base64.b64encode(json.dumps(manifest).encode()).decode()
+        # cp -p keeps the deploy's owner and mode; writing through the existing file keeps them too.
+        rc, _, err = session.run(
+            f"cp -p {MANIFEST} {MANIFEST}.orig && echo {b64} | base64 -d > {MANIFEST}", sudo=True
+        )
+        assert rc == 0, err
+        try:
+            yield
+        finally:
+            rc, _, err = session.run(f"mv -f {MANIFEST}.orig {MANIFEST}", sudo=True)
+            assert rc == 0, err
+
+
+def test_status_fails_when_an_instance_does_not_answer(serving: Serving, state: Path) -> None:
+    """The manifest naming another port for the instance: the unit is active but nothing answers there."""
+
+    def shift(manifest: dict) -> None:
+        first = manifest["instances"][0]
+        first.update(port=7990, url=first["url"].replace(f":{first['port']}", ":7990"))
+
+    with manifest_changed(serving, shift):
+        proc = sdnode("status", "-i", str(serving.inventory), "--json", state=state)
     assert proc.returncode == 1, explain(proc)
     [node] = json.loads(proc.stdout)
     [instance] = node["instances"]
@@ -113,6 +141,21 @@ def test_status_fails_when_an_instance_does_not_answer(serving: Serving, state: 
         "active",
         "down",
     )
+
+
+def test_an_old_format_manifest_says_to_deploy(serving: Serving, state: Path) -> None:
+    """A node deployed before instances recorded their endpoints: status and smoke say to deploy."""
+
+    def old(manifest: dict) -> None:
+        manifest["instances"] = [i["name"] for i in manifest["instances"]]
+
+    with manifest_changed(serving, old):
+        status = sdnode("status", "-i", str(serving.inventory), state=state)
+        smoke = sdnode("smoke", "-i", str(serving.inventory), state=state)
+    assert status.returncode == 1 and "old format" in status.stdout and "make deploy" in status.stdout, (
+        explain(status)
+    )
+    assert smoke.returncode == 1 and "make deploy" in smoke.stdout, explain(smoke)
 
 
 def test_smoke_saves_a_png_of_the_size_and_a_grid(serving: Serving, state: Path) -> None:

@@ -138,11 +138,26 @@ def test_release_that_never_gets_ready_leaves_the_previous_serving(
         label="deploy-broken",
     )
     assert run.rc != 0 and run.failed >= 1, run.explain()
-    assert "rolled back to" in run.output and "broken on purpose" in run.output, run.explain()
+    assert "put back release" in run.output and "broken on purpose" in run.output, run.explain()
     # The broken release was built (complete) but is not live; the links are as before.
     assert links(testnodes, node) == before
     assert ready(testnodes, node)
     assert manifest_release(testnodes, node) == before[0].split("/")[1]
+
+
+def test_settings_that_never_get_ready_are_put_back(deployed: Deployment, testnodes, original: str) -> None:
+    """The same release with settings that pass every check but never serve (a CPU node told to use
+    CUDA): the settings that served come back, and the node serves again on them."""
+    node, inv = deployed.node, deployed.inventory
+    env_before = node_sh(testnodes, node, "cat /etc/sdserve/sdserve.env")
+    links_before = links(testnodes, node)
+    bad = {"sd_service_device": "cuda", "sd_service_ready_timeout": 120}
+    run = ansible_playbook("deploy.yml", inv, extra_vars=bad, label="deploy-cuda-on-cpu")
+    assert run.rc != 0 and "put back the settings that served" in run.output, run.explain()
+    assert "put back release" not in run.output, run.explain()  # the release did not change
+    assert node_sh(testnodes, node, "cat /etc/sdserve/sdserve.env") == env_before
+    assert links(testnodes, node) == links_before
+    assert ready(testnodes, node)
 
 
 def test_kill_9_is_recovered_by_systemd(deployed: Deployment, testnodes, original: str) -> None:
@@ -323,8 +338,8 @@ def test_model_from_the_hub_through_a_configured_endpoint(
     )
     assert_converged(run)
     assert HUB_TOKEN not in run.output
-    # Sized before the download: the space check and the progress reports know the total.
-    assert re.search(r"[0-9.]+ of [0-9.]+ MiB \(\d+ files\) on disk after", run.output), run.explain()
+    # Sized before the download: the space check and the report know the total.
+    assert re.search(r"[0-9.]+ of [0-9.]+ MiB \(\d+ files\) on disk \(done\)", run.output), run.explain()
     now = node_sh(testnodes, node, "readlink /var/lib/sdserve/models/current")
     assert now.endswith(f"/sdnode--tiny-sd-{HUB_COMMIT[:12]}"), now
     fetched = {

@@ -1,6 +1,7 @@
 """site.yml on a fresh Debian 12 node in CPU mode with the tiny model: converge, idempotence, verify."""
 
 import subprocess
+import time
 
 import pytest
 from PIL import Image
@@ -41,13 +42,16 @@ def test_verify_suite_passes_against_the_node(deployed: Deployment) -> None:
 
 
 def test_smoke_fetches_a_png_of_the_requested_size(deployed: Deployment) -> None:
+    started = time.time()
     run = make_target("smoke", deployed.inventory, label="smoke")
-    assert_converged(run)
-    images = sorted((STATE / "smoke").glob(f"{deployed.node}-*.png"))
-    assert images, f"no smoke image fetched under {STATE / 'smoke'}"
+    assert run.rc == 0, run.explain()
+    images = [p for p in (STATE / "smoke").glob(f"{deployed.node}-*.png") if p.stat().st_mtime >= started]
+    assert images, f"no smoke image written under {STATE / 'smoke'} by this run"
     with Image.open(images[0]) as img:
         img.load()
-        assert img.format == "PNG" and img.size[0] >= 64
+        assert img.format == "PNG" and img.size == (64, 64)  # inventory.local's sdnode_smoke_width/height
+    grid = STATE / "smoke" / "grid.png"
+    assert "grid: " in run.output and grid.stat().st_mtime >= started, run.explain()
 
 
 def test_tool_paths_resolve() -> None:

@@ -8,11 +8,12 @@ import json
 import os
 import re
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from PIL import Image
 
-from .conftest import REPO, setting
+from .conftest import REPO
 
 STATE = Path(os.environ.get("SDNODE_STATE_DIR", REPO / ".sdnode"))
 ETC = "/etc/sdserve"
@@ -54,26 +55,26 @@ def manifest(host) -> dict:
 
 
 @pytest.fixture(scope="module")
-def instances(manifest) -> list[tuple[str, int]]:
-    return list(zip(manifest["instances"], manifest["ports"], strict=True))
-
-
-@pytest.fixture(scope="module")
-def probe_host(manifest) -> str:
-    return "127.0.0.1" if manifest["listen"] in ("0.0.0.0", "::", "localhost") else manifest["listen"]
+def instances(manifest) -> list[dict]:
+    """Each instance as the node recorded it: name, index, port and the url the node reaches it by."""
+    found = manifest.get("instances")
+    assert found and all(isinstance(i, dict) for i in found), (
+        f"manifest instances without endpoints (an old deploy?): {found!r}"
+    )
+    return found
 
 
 @pytest.fixture(scope="module")
 def api_key(node_vars) -> str:
-    """The key the controller holds for this node: from Vault (inventory) or the generated key file."""
-    given = node_vars.get("sd_service_api_keys")
-    if given:
-        return given[0]["key"]
-    name = (setting(node_vars, "sd_service", "sd_service_generated_keys") or ["default"])[0]
-    path = STATE / "api-keys" / f"{node_vars['inventory_hostname']}.{name}.key"
-    assert path.is_file(), f"no key for this node on the controller at {path}"
-    assert path.stat().st_mode & 0o777 == 0o600, f"{path} is not 0600"
-    return path.read_text().strip()
+    """The key the controller holds for this node, chosen by the day-2 tools' own rule."""
+    from sdnode.day2.service import api_key, generated_key_path  # the controller's package: not on a node
+
+    host = node_vars["inventory_hostname"]
+    if not node_vars.get("sd_service_api_keys"):
+        path = generated_key_path(STATE, host, node_vars)
+        assert path.is_file(), f"no key for this node on the controller at {path}"
+        assert path.stat().st_mode & 0o777 == 0o600, f"{path} is not 0600"
+    return api_key(STATE, host, node_vars)
 
 
 def test_service_account_is_a_system_user_without_login(host):
@@ -117,17 +118,31 @@ def test_key_is_nowhere_on_the_node(host, api_key):
 
 
 def test_each_instance_is_enabled_and_running(host, instances):
-    for unit, _port in instances:
-        svc = host.service(f"{unit}.service")
-        assert svc.is_enabled and svc.is_running, unit
+    for instance in instances:
+        svc = host.service(f"{instance['name']}.service")
+        assert svc.is_enabled and svc.is_running, instance["name"]
 
 
-def test_one_instance_per_gpu_or_one_on_cpu(instances, accelerator, manifest):
-    names = [u for u, _ in instances]
+def test_one_instance_per_gpu_or_one_on_cpu(instances, accelerator):
+    names = [i["name"] for i in instances]
     if accelerator == "cpu":
         assert names == ["sdserve@0"]
     else:
         assert names and all(re.fullmatch(r"sdserve@\d+", n) for n in names)
+    assert names == [f"sdserve@{i['index']}" for i in instances]
+
+
+def test_each_instance_url_names_its_port_and_listen_address(instances, manifest):
+    """The recorded url reaches the instance from the node: its own port, the listen address itself
+    unless that is a wildcard (then loopback); IPv6 in brackets; no trailing slash."""
+    listen = manifest["listen"]
+    for instance in instances:
+        url = urlsplit(instance["url"])
+        assert (url.scheme, url.port, url.path) == ("http", instance["port"], ""), instance
+        if listen in ("0.0.0.0", "::", "localhost"):
+            assert url.hostname in ("127.0.0.1", "::1"), instance
+        else:
+            assert url.hostname == listen, instance
 
 
 HARDENING = {
@@ -187,8 +202,8 @@ def test_cpu_instance_sees_no_devices(host, accelerator):
 
 @pytest.mark.gpu_node
 def test_gpu_instance_may_use_its_gpu_only(host, instances):
-    for unit, _port in instances:
-        index = unit.split("@")[1]
+    for instance in instances:
+        unit, index = instance["name"], str(instance["index"])
         allow = host.check_output(f"systemctl show {unit}.service --property=DeviceAllow --value")
         assert f"/dev/nvidia{index} rw" in allow and "/dev/nvidiactl rw" in allow, allow
         other = [d for d in re.findall(r"/dev/nvidia(\d+)", allow) if d != index]
@@ -198,45 +213,45 @@ def test_gpu_instance_may_use_its_gpu_only(host, instances):
 
 
 def test_listens_only_where_configured(host, instances, manifest):
-    for _unit, port in instances:
+    for instance in instances:
+        port = instance["port"]
         assert host.socket(f"tcp://{manifest['listen']}:{port}").is_listening
         if manifest["listen"] in ("127.0.0.1", "localhost"):
             assert not host.socket(f"tcp://0.0.0.0:{port}").is_listening
 
 
-def test_readyz_answers_ready(host, instances, probe_host):
-    for _unit, port in instances:
-        status, body = call(host, f"http://{probe_host}:{port}/readyz")
+def test_readyz_answers_ready(host, instances):
+    for instance in instances:
+        status, body = call(host, f"{instance['url']}/readyz")
         assert status == 200 and json.loads(body)["status"] == "ready", body
 
 
-def test_generation_without_a_key_is_refused(host, instances, probe_host):
-    _unit, port = instances[0]
+def test_generation_without_a_key_is_refused(host, instances):
     body = {"prompt": "x", "size": "64x64", "steps": 1}
-    status, _ = call(host, f"http://{probe_host}:{port}/v1/images/generations", body=body)
+    status, _ = call(host, f"{instances[0]['url']}/v1/images/generations", body=body)
     assert status == 401
 
 
-def generate(host, probe_host, port, key, seed) -> tuple[int, bytes]:
+def generate(host, url, key, seed) -> tuple[int, bytes]:
     body = {"prompt": "a lighthouse at dusk", "size": "64x64", "steps": 2, "seed": seed, "n": 1}
-    status, raw = call(host, f"http://{probe_host}:{port}/v1/images/generations", key, body)
+    status, raw = call(host, f"{url}/v1/images/generations", key, body)
     assert status == 200, raw[:500]
     return status, base64.b64decode(json.loads(raw)["data"][0]["b64_json"])
 
 
-def test_sample_generation_is_a_png_of_the_requested_size(host, instances, probe_host, api_key):
-    for _unit, port in instances:
-        _, png = generate(host, probe_host, port, api_key, seed=7)
+def test_sample_generation_is_a_png_of_the_requested_size(host, instances, api_key):
+    for instance in instances:
+        _, png = generate(host, instance["url"], api_key, seed=7)
         with Image.open(io.BytesIO(png)) as img:
             img.load()
             assert img.format == "PNG" and img.size == (64, 64)
 
 
-def test_same_seed_gives_the_same_bytes(host, instances, probe_host, api_key):
-    _unit, port = instances[0]
-    first = generate(host, probe_host, port, api_key, seed=1234)[1]
-    again = generate(host, probe_host, port, api_key, seed=1234)[1]
-    other = generate(host, probe_host, port, api_key, seed=1235)[1]
+def test_same_seed_gives_the_same_bytes(host, instances, api_key):
+    url = instances[0]["url"]
+    first = generate(host, url, api_key, seed=1234)[1]
+    again = generate(host, url, api_key, seed=1234)[1]
+    other = generate(host, url, api_key, seed=1235)[1]
     assert first == again
     assert first != other
 

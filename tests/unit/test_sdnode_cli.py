@@ -89,17 +89,55 @@ def test_logs_of_an_unreachable_node(state: Path, unreachable: Path, capsys: pyt
 def test_smoke_with_an_unreachable_node_fails_and_still_draws_the_grid(
     state: Path, unreachable: Path, capsys: pytest.CaptureFixture
 ) -> None:
+    (state / "api-keys").mkdir(parents=True)
+    (state / "api-keys" / "gone1.default.key").write_text("generated-key-000000\n")
     assert main(["smoke", "-i", str(unreachable), "--size", "64x64"]) == 1
     out = capsys.readouterr().out
-    assert "gone1 FAILED" in out and "0/1 instance generated" in out
-    assert Image.open(state / "smoke" / "grid.png").format == "PNG"
+    assert (
+        "gone1 FAILED: cannot reach" in out
+        and "connection refused" in out
+        and "0/1 instance generated" in out
+    )
+    grid = state / "smoke" / "grid.png"
+    assert Image.open(grid).format == "PNG"
+    assert out.splitlines()[-1] == f"grid: {grid}"  # printed last, to be found at a glance
+
+
+def test_smoke_without_an_api_key_says_both_ways_to_get_one(
+    state: Path, unreachable: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["smoke", "-i", str(unreachable)]) == 1
+    out = capsys.readouterr().out
+    assert "gone1 FAILED: no API key: set sd_service_api_keys" in out and "make deploy" in out
 
 
 def test_smoke_refuses_a_bad_size_before_connecting(
     state: Path, unreachable: Path, capsys: pytest.CaptureFixture
 ) -> None:
     assert main(["smoke", "-i", str(unreachable), "--size", "huge"]) == 2
-    assert "--size must look like 512x512" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("sdnode: error: host gone1: size must look like 512x512") and err.count("\n") == 1
+    assert not (state / "smoke").exists()
+
+
+def test_smoke_refuses_half_a_size_from_the_inventory(
+    state: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    inventory = write_inventory(
+        tmp_path / "inv", {"t1": {"sdnode_accelerator": "cpu", "sdnode_smoke_width": 64}}
+    )
+    assert main(["smoke", "-i", str(inventory)]) == 2
+    assert "host t1: set sdnode_smoke_width and sdnode_smoke_height together" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["status", "smoke", "logs"])
+def test_a_node_without_an_accelerator_is_one_line_naming_it(
+    command: str, state: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    inventory = write_inventory(tmp_path / "inv", {"t1": {"sdnode_accelerator": "cpu"}, "t2": {}})
+    assert main([command, "-i", str(inventory)]) == 2
+    err = capsys.readouterr().err
+    assert err == "sdnode: error: host t2: sdnode_accelerator is not set; declare nvidia or cpu for it\n"
 
 
 def manifests(state: Path, **by_host: dict) -> None:

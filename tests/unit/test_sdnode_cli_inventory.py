@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,8 @@ from sdnode.day2.inventory import (
     nodes_from_listing,
     parse_ssh_args,
 )
+from sdnode.day2.service import api_key, node_api_key
+from sdnode.localinv import venv_tool
 
 # As `ansible-inventory -i hosts.yml --list` prints it: group vars already merged into each host.
 LISTING = json.loads("""
@@ -23,8 +27,9 @@ LISTING = json.loads("""
     "gpu1": {"ansible_host": "192.0.2.10", "ansible_port": 2222, "ansible_user": "ops",
              "ansible_become": true, "ansible_ssh_private_key_file": "~/.ssh/fleet",
              "ansible_ssh_common_args": "-o UserKnownHostsFile=/etc/sdnode/known_hosts -o BatchMode=yes",
-             "sdnode_accelerator": "nvidia", "sd_service_port_base": 9000},
+             "sdnode_accelerator": "nvidia"},
     "cpu1": {"ansible_host": "192.0.2.11", "sdnode_accelerator": "cpu"},
+    "bare1": {"sdnode_accelerator": "cpu"},
     "db1": {"ansible_host": "192.0.2.50"}
   }},
   "all": {"children": ["ungrouped", "sdnodes", "databases"]},
@@ -47,15 +52,25 @@ def test_nodes_take_address_port_user_key_known_hosts_and_become() -> None:
     assert (gpu.address, gpu.port, gpu.user, gpu.become) == ("192.0.2.10", 2222, "ops", True)
     assert gpu.key_file == Path("~/.ssh/fleet").expanduser()
     assert gpu.known_hosts == (Path("/etc/sdnode/known_hosts"),)
-    assert (gpu.accelerator, gpu.service_port(0), gpu.service_port(3)) == ("nvidia", 9000, 9003)
+    assert gpu.accelerator == "nvidia"
     cpu = nodes["cpu1"]
-    assert (cpu.port, cpu.key_file, cpu.known_hosts, cpu.service_port(0)) == (22, None, (), 7860)
+    assert (cpu.port, cpu.key_file, cpu.known_hosts, cpu.accelerator) == (22, None, (), "cpu")
 
 
-def test_host_without_vars_is_reached_by_its_name() -> None:
+def test_host_without_an_address_is_reached_by_its_name() -> None:
     bare = {n.name: n for n in nodes_from_listing(LISTING)}["bare1"]
     assert bare.address == "bare1"
-    assert bare.accelerator == "nvidia"  # the kit's default accelerator
+
+
+def test_a_node_without_an_accelerator_is_refused_not_guessed() -> None:
+    """The roles would take it as cpu, sdnode once took it as nvidia: no default anywhere, one line."""
+    listing = copy.deepcopy(LISTING)
+    del listing["_meta"]["hostvars"]["gpu1"]["sdnode_accelerator"]
+    with pytest.raises(Day2Error) as err:
+        nodes_from_listing(listing)
+    assert str(err.value) == "host gpu1: sdnode_accelerator is not set; declare nvidia or cpu for it"
+    # A host outside sdnodes (bootstrap by inventory name) needs none.
+    assert node_from_vars("db1", {}).accelerator is None
 
 
 @pytest.mark.parametrize(
@@ -87,7 +102,7 @@ def test_port_and_key_from_ssh_args_when_no_ansible_var() -> None:
     [
         ({"sdnode_accelerator": "tpu"}, "sdnode_accelerator"),
         ({"ansible_port": "twenty-two"}, "ansible_port"),
-        ({"sd_service_port_base": "{{ base }}"}, "sd_service_port_base"),
+        ({"ansible_user": "{{ deploy_user }}"}, "ansible_user"),
         ({"ansible_host": "{{ lookup('env', 'X') }}"}, "ansible_host"),
         ({"ansible_ssh_common_args": "-o ProxyJump=bastion"}, "proxyjump"),
         ({"ansible_ssh_common_args": "-o 'unbalanced"}, "cannot parse ssh arguments"),
@@ -130,7 +145,7 @@ all:
       vars: {sdnode_accelerator: cpu, ansible_user: root}
       hosts:
         n1: {ansible_host: 10.9.0.1}
-        n2: {ansible_host: 10.9.0.2, sd_service_port_base: 8000}
+        n2: {ansible_host: 10.9.0.2, ansible_user: ops}
     other:
       hosts:
         x1: {}
@@ -142,9 +157,9 @@ def test_load_nodes_through_ansible_inventory(tmp_path: Path) -> None:
     (tmp_path / "group_vars").mkdir()
     (tmp_path / "group_vars" / "sdnodes.yml").write_text("ansible_port: 2022\n")
     nodes = load_nodes(str(tmp_path))
-    assert [(n.name, n.address, n.port, n.user, n.accelerator, n.port_base) for n in nodes] == [
-        ("n1", "10.9.0.1", 2022, "root", "cpu", 7860),
-        ("n2", "10.9.0.2", 2022, "root", "cpu", 8000),
+    assert [(n.name, n.address, n.port, n.user, n.accelerator) for n in nodes] == [
+        ("n1", "10.9.0.1", 2022, "root", "cpu"),
+        ("n2", "10.9.0.2", 2022, "ops", "cpu"),
     ]
     assert [n.name for n in load_nodes(str(tmp_path), limit="n2")] == ["n2"]
 
@@ -165,3 +180,70 @@ def test_unparsable_inventory_is_an_error_naming_the_file(tmp_path: Path) -> Non
 def test_missing_inventory_says_how_to_name_one(tmp_path: Path) -> None:
     with pytest.raises(Day2Error, match="SDNODE_INVENTORY"):
         load_nodes(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("content", [None, "all: {}\n", "all: [\n"], ids=["missing", "empty", "unparsable"])
+def test_sdnode_hosts_stops_the_make_targets_naming_the_path(tmp_path: Path, content: str | None) -> None:
+    inventory = tmp_path / "hosts.yml"
+    if content is not None:
+        inventory.write_text(content)
+    proc = subprocess.run(
+        [venv_tool("sdnode"), "hosts", "-i", str(inventory)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and str(inventory) in proc.stderr, proc.stderr
+    if content != "all: [\n":
+        assert "cp -r inventory.example inventory" in proc.stderr
+
+
+def test_api_key_from_a_vault_encrypted_host_vars_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys kept in Ansible Vault: ansible-inventory decrypts the file with the configured vault password,
+    and the first of sd_service_api_keys is the key, not the generated one."""
+    (tmp_path / "hosts.yml").write_text(HOSTS_YML)
+    (tmp_path / "host_vars").mkdir()
+    secret = tmp_path / "host_vars" / "n1.yml"
+    secret.write_text("sd_service_api_keys:\n  - {name: ops, key: vaulted-key-0123456789}\n")
+    password = tmp_path / "vault-pass"
+    password.write_text("correct horse\n")
+    monkeypatch.setenv("ANSIBLE_VAULT_PASSWORD_FILE", str(password))
+    encrypt = [venv_tool("ansible-vault"), "encrypt", str(secret)]
+    subprocess.run(encrypt, check=True, capture_output=True)
+    assert secret.read_text().startswith("$ANSIBLE_VAULT;")
+    state = tmp_path / "state"
+    (state / "api-keys").mkdir(parents=True)
+    (state / "api-keys" / "n1.default.key").write_text("generated-key-000000\n")
+    node = load_nodes(str(tmp_path), limit="n1")[0]
+    assert api_key(state, node.name, node.vars) == "vaulted-key-0123456789"
+
+
+def test_api_key_written_as_the_roles_comment_shows_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pattern roles/sd_service documents: `key: "{{ vault_sdserve_ops_key }}"`, the value an inline
+    !vault string. Only Ansible can render that; sdnode asks it (ansible -m debug, no connection)."""
+    inventory = tmp_path / "inventory"
+    (inventory / "host_vars").mkdir(parents=True)
+    (inventory / "hosts.yml").write_text(HOSTS_YML)
+    password = tmp_path / "vault-pass"
+    password.write_text("correct horse\n")
+    monkeypatch.setenv("ANSIBLE_VAULT_PASSWORD_FILE", str(password))
+    encrypt = [
+        venv_tool("ansible-vault"),
+        "encrypt_string",
+        "inline-vault-key-0123456789",
+        "--name",
+        "vault_sdserve_ops_key",
+    ]
+    vaulted = subprocess.run(encrypt, check=True, capture_output=True, text=True).stdout
+    (inventory / "host_vars" / "n1.yml").write_text(
+        vaulted + 'sd_service_api_keys:\n  - {name: ops, key: "{{ vault_sdserve_ops_key }}"}\n'
+    )
+    state = tmp_path / "state"
+    (state / "api-keys").mkdir(parents=True)
+    (state / "api-keys" / "n1.default.key").write_text("generated-key-000000\n")
+    node = load_nodes(str(inventory), limit="n1")[0]
+    assert node_api_key(state, node) == "inline-vault-key-0123456789"
+    monkeypatch.setenv("ANSIBLE_VAULT_PASSWORD_FILE", str(tmp_path / "no-such-password"))
+    with pytest.raises(Day2Error, match=r"n1.*sd_service_api_keys"):
+        node_api_key(state, node)

@@ -1,4 +1,5 @@
-"""sdnode's pure parts: metrics, manifest diff, grid, keys, smoke answers, journal and unit parsing."""
+"""sdnode's pure parts: metrics, manifest diff and instances, grid, keys (SSH and API), smoke requests and
+answers, journal."""
 
 from __future__ import annotations
 
@@ -16,13 +17,20 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from sdnode.cli import journal_command, journal_since
 from sdnode.day2 import Day2Error
 from sdnode.day2.bootstrap import authorized_keys_script
-from sdnode.day2.grid import LABEL_HEIGHT, PAD, grid_shape, make_grid, tile_origin
+from sdnode.day2.grid import LABEL_HEIGHT, MIN_TILE, PAD, grid_shape, make_grid, tile_origin
 from sdnode.day2.inventory import node_from_vars
 from sdnode.day2.keys import generate_key_pair, read_public_key
 from sdnode.day2.manifest import MISSING, diff_manifests, flatten
 from sdnode.day2.metrics import fmt_number, parse_figures
-from sdnode.day2.service import InstanceStatus, model_label, parse_driver, parse_units, probe_host
-from sdnode.day2.smoke import decode_png, error_detail, parse_size, request_body
+from sdnode.day2.service import (
+    Instance,
+    InstanceStatus,
+    api_key,
+    manifest_instances,
+    model_label,
+    parse_driver,
+)
+from sdnode.day2.smoke import SmokeResult, decode_png, error_detail, node_request, parse_size, request_body
 
 # ---------------------------------------------------------------------------------------------
 # metrics
@@ -71,8 +79,9 @@ def test_a_refused_key_file_reaches_the_figures(tmp_path: Path) -> None:
     assert keys.reload() is False
     figures = parse_figures(generate_latest(metrics.registry).decode())
     assert (figures.keys, figures.keys_stale) == (2, 1)
-    assert not InstanceStatus(0, 7860, service="active", ready="yes", keys="stale").healthy
-    assert InstanceStatus(0, 7860, service="active", ready="yes", keys="2").healthy
+    url = "http://127.0.0.1:7860"
+    assert not InstanceStatus(0, 7860, url, service="active", ready="yes", keys="stale").healthy
+    assert InstanceStatus(0, 7860, url, service="active", ready="yes", keys="2").healthy
 
 
 def test_metrics_that_are_not_prometheus_text_raise() -> None:
@@ -100,7 +109,11 @@ MANIFEST = {
         "checksums_sha256": "f" * 64,
         "path": "/var/lib/sdserve/models/sd15",
     },
-    "instances": ["sdserve@0", "sdserve@1"],
+    "instances": [
+        {"name": "sdserve@0", "index": 0, "port": 7860, "url": "http://127.0.0.1:7860"},
+        {"name": "sdserve@1", "index": 1, "port": 7861, "url": "http://127.0.0.1:7861"},
+    ],
+    "listen": "127.0.0.1",
     "release_id": "r-0001",
     "service": {"versions": {"torch": "2.13.0", "diffusers": "0.36.0"}, "built_at": "2026-11-29T01:00:00Z"},
 }
@@ -181,25 +194,48 @@ def test_grid_shape_refuses_nothing() -> None:
         grid_shape(0)
 
 
-def test_grid_places_each_tile_and_its_label() -> None:
+def test_grid_places_each_tile_and_its_caption() -> None:
     colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
-    tiles = [(f"n{i}-0", Image.new("RGB", (128, 128), c)) for i, c in enumerate(colours)] + [("n9-0", None)]
-    sheet = make_grid(tiles)
-    cell = (128 + PAD, 128 + LABEL_HEIGHT + PAD)
+    tiles = [
+        ((f"n{i}", "instance 0, seed 42, 1.0s"), Image.new("RGB", (128, 128), c))
+        for i, c in enumerate(colours)
+    ]
+    sheet = make_grid([*tiles, (("n9", "instance 0, FAILED, 0.0s"), None)])
+    side = 2 * 128  # 128 px images doubled: whole factors up to MIN_TILE
+    cell = (side + PAD, side + LABEL_HEIGHT + PAD)
     assert sheet.size == (PAD + 2 * cell[0], PAD + 2 * cell[1])
     for index, colour in enumerate(colours):
         x, y = tile_origin(index, 2, cell)
-        assert sheet.getpixel((x + 64, y + 64)) == colour
-        # Something was drawn in the label strip (text pixels differ from the background).
-        strip = sheet.crop((x, y + 128, x + 128, y + 128 + LABEL_HEIGHT))
-        assert len(strip.getcolors(maxcolors=1 << 16)) > 1
+        assert (
+            sheet.getpixel((x + 1, y + 1)) == colour
+            and sheet.getpixel((x + side - 1, y + side - 1)) == colour
+        )
+        # Both caption lines were drawn (text pixels differ from the background).
+        for line in range(2):
+            top = y + side + 2 + line * LABEL_HEIGHT // 2
+            strip = sheet.crop((x, top, x + side, top + LABEL_HEIGHT // 2 - 2))
+            assert len(strip.getcolors(maxcolors=1 << 16)) > 1, (index, line)
     x, y = tile_origin(3, 2, cell)
-    assert sheet.getpixel((x + 64, y + 64)) == (24, 24, 24)  # failed instance: an empty tile
+    assert sheet.getpixel((x + 4, y + 4)) == (24, 24, 24)  # failed instance: a dark tile...
+    failed = sheet.crop((x, y, x + side, y + side))
+    assert len(failed.getcolors(maxcolors=1 << 16)) > 1  # ...marked FAILED
 
 
-def test_grid_of_small_images_keeps_room_for_labels() -> None:
-    sheet = make_grid([("a-very-long-node-name-0", Image.new("RGB", (64, 64), (255, 255, 255)))])
-    assert sheet.width >= 96 + PAD
+def test_grid_blows_tiny_images_up_sharp() -> None:
+    checker = Image.new("RGB", (64, 64), (0, 0, 0))
+    checker.putpixel((0, 0), (255, 255, 255))
+    sheet = make_grid([(("a-very-long-node-name-that-does-not-fit", "instance 0"), checker)])
+    assert sheet.size == (PAD + MIN_TILE + PAD, PAD + MIN_TILE + LABEL_HEIGHT + PAD)
+    factor = MIN_TILE // 64
+    assert sheet.getpixel((PAD + factor - 1, PAD + factor - 1)) == (255, 255, 255)
+    assert sheet.getpixel((PAD + factor, PAD + factor)) == (0, 0, 0)
+
+
+def test_caption_names_node_instance_seed_and_seconds() -> None:
+    ok = SmokeResult("gpu1", 3, 42, True, 12.34, "/s/gpu1-3.png")
+    assert (ok.label, ok.caption()) == ("gpu1-3", ("gpu1", "instance 3, seed 42, 12.3s"))
+    down = SmokeResult("gpu2", None, 42, False, 0.0, "cannot reach")
+    assert (down.label, down.caption()) == ("gpu2-?", ("gpu2", "instance ?, FAILED, 0.0s"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,8 +337,48 @@ def test_request_body_leaves_defaults_to_the_service() -> None:
 
 @pytest.mark.parametrize("text", ["64", "64x", "x64", "0x64", "64x64x2", "big"])
 def test_bad_sizes_are_refused(text: str) -> None:
-    with pytest.raises(Day2Error, match="--size"):
+    with pytest.raises(Day2Error, match="size must look like 512x512"):
         parse_size(text)
+
+
+SMOKE_VARS = {"sdnode_accelerator": "cpu", "sdnode_smoke_width": 64, "sdnode_smoke_height": 64}
+
+
+def test_smoke_request_takes_the_hosts_sdnode_smoke_vars() -> None:
+    """inventory.local's tiny model: 64x64 in 4 steps; seed and prompt from the host when set."""
+    node = node_from_vars("t1", {**SMOKE_VARS, "sdnode_smoke_steps": "4", "sdnode_smoke_seed": 7})
+    body = node_request(node, None, None, None, None)
+    assert (body["size"], body["steps"], body["seed"]) == ("64x64", 4, 7)
+    node = node_from_vars("t1", {**SMOKE_VARS, "sdnode_smoke_prompt": "a red cube"})
+    assert node_request(node, None, None, None, None)["prompt"] == "a red cube"
+
+
+def test_smoke_request_flags_win_over_the_inventory() -> None:
+    node = node_from_vars("t1", {**SMOKE_VARS, "sdnode_smoke_steps": 4, "sdnode_smoke_seed": 7})
+    body = node_request(node, "p", 5, "128x96", 2)
+    assert (body["prompt"], body["seed"], body["size"], body["steps"]) == ("p", 5, "128x96", 2)
+
+
+def test_smoke_request_without_settings_leaves_size_and_steps_to_the_service() -> None:
+    body = node_request(node_from_vars("t1", {"sdnode_accelerator": "cpu"}), None, None, None, None)
+    assert "size" not in body and "steps" not in body and body["seed"] == 42
+
+
+@pytest.mark.parametrize(
+    "hostvars, flags, message",
+    [
+        ({"sdnode_smoke_width": 64}, {}, "sdnode_smoke_width and sdnode_smoke_height together"),
+        ({"sdnode_smoke_steps": "many"}, {}, "sdnode_smoke_steps must be an integer"),
+        ({"sdnode_smoke_width": 0, "sdnode_smoke_height": 64}, {}, "size must look like 512x512"),
+        ({}, {"steps": 0}, "steps must be at least 1"),
+        ({}, {"size": "huge"}, "size must look like 512x512"),
+    ],
+)
+def test_bad_smoke_settings_name_the_host(hostvars: dict, flags: dict, message: str) -> None:
+    node = node_from_vars("t1", {"sdnode_accelerator": "cpu", **hostvars})
+    with pytest.raises(Day2Error, match=message) as err:
+        node_request(node, None, None, flags.get("size"), flags.get("steps"))
+    assert str(err.value).startswith("host t1: ")
 
 
 @pytest.mark.parametrize(
@@ -321,17 +397,6 @@ def test_error_detail_uses_the_service_message(body: str, message: str) -> None:
 # node facts
 
 
-def test_units_listed_by_systemctl() -> None:
-    text = (
-        "sdserve@0.service loaded active running sdserve text-to-image service, instance 0\n"
-        "sdserve@1.service loaded failed failed sdserve text-to-image service, instance 1\n"
-        "sdserve@12.service loaded inactive dead x\n"
-        "sdserve-other.service loaded active running x\n"
-    )
-    assert parse_units(text) == [0, 1, 12]
-    assert parse_units("") == []
-
-
 def test_driver_and_gpu_count() -> None:
     assert parse_driver("550.127.05\n550.127.05\n") == ("550.127.05", 2)
     assert parse_driver("") == ("-", 0)
@@ -342,11 +407,88 @@ def test_model_label_from_manifest() -> None:
     assert model_label({}) == "-" and model_label(None) == "-"
 
 
+# ---------------------------------------------------------------------------------------------
+# instances from the manifest
+
+
+def test_instances_and_endpoints_come_from_the_manifest() -> None:
+    assert manifest_instances("gpu1", MANIFEST) == [
+        Instance("sdserve@0", 0, 7860, "http://127.0.0.1:7860"),
+        Instance("sdserve@1", 1, 7861, "http://127.0.0.1:7861"),
+    ]
+
+
+def test_an_ipv6_endpoint_is_taken_as_recorded() -> None:
+    """The node computed it (listening on ::): brackets and all, nothing re-derived from the inventory."""
+    six = changed(instances=[{"name": "sdserve@2", "index": 2, "port": 9002, "url": "http://[::1]:9002"}])
+    assert manifest_instances("gpu1", six) == [Instance("sdserve@2", 2, 9002, "http://[::1]:9002")]
+
+
 @pytest.mark.parametrize(
-    "listen, probe", [("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "127.0.0.1"), ("10.1.2.3", "10.1.2.3")]
+    "instances, message",
+    [
+        (["sdserve@0", "sdserve@1"], "old format"),
+        (None, "records no instances"),
+        ([], "records no instances"),
+        ([{"name": "sdserve@0", "index": 0, "port": 7860}], "without name, index, port or url"),
+    ],
 )
-def test_probe_host_follows_listen_address(listen: str, probe: str) -> None:
-    assert probe_host(node_from_vars("h", {"sd_service_listen_address": listen})) == probe
+def test_a_manifest_without_endpoints_says_to_deploy(instances: object, message: str) -> None:
+    with pytest.raises(Day2Error, match=message) as err:
+        manifest_instances("gpu1", changed(instances=instances))
+    text = str(err.value)
+    assert text.startswith("gpu1: /etc/sdserve/manifest.json") and "(make deploy)" in text
+    assert "\n" not in text
+
+
+# ---------------------------------------------------------------------------------------------
+# the API key
+
+
+def write_key(state: Path, name: str, key: str) -> None:
+    (state / "api-keys").mkdir(parents=True, exist_ok=True)
+    (state / "api-keys" / name).write_text(key + "\n")
+
+
+def test_api_key_from_the_inventory_comes_first(tmp_path: Path) -> None:
+    """sd_service_api_keys (as ansible-inventory gives a Vault-encrypted vars file: decrypted) wins over
+    any generated key file; its first entry, as the deploy installs them."""
+    write_key(tmp_path, "n1.default.key", "generated-key-000000")
+    given = [{"name": "ops", "key": "vault-key-1111111111"}, {"name": "ci", "key": "vault-key-2222222222"}]
+    assert api_key(tmp_path, "n1", {"sd_service_api_keys": given}) == "vault-key-1111111111"
+
+
+def test_generated_key_is_the_first_generated_name_not_the_first_file(tmp_path: Path) -> None:
+    write_key(tmp_path, "n1.aaa.key", "alphabetically-first-0")
+    write_key(tmp_path, "n1.default.key", "role-default-name-000")
+    write_key(tmp_path, "n1.ops.key", "first-configured-name")
+    write_key(tmp_path, "n2.default.key", "another-hosts-key-000")
+    assert api_key(tmp_path, "n1", {}) == "role-default-name-000"  # the role's default: [default]
+    assert api_key(tmp_path, "n1", {"sd_service_generated_keys": ["ops", "aaa"]}) == "first-configured-name"
+
+
+def test_no_key_names_both_ways_to_get_one(tmp_path: Path) -> None:
+    with pytest.raises(Day2Error) as err:
+        api_key(tmp_path, "n1", {"sd_service_generated_keys": ["ops"]})
+    text = str(err.value)
+    assert text.startswith("n1: no API key") and "sd_service_api_keys" in text and "make deploy" in text
+    assert str(tmp_path / "api-keys" / "n1.ops.key") in text
+
+
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        ([{"name": "ops", "key": {"__ansible_vault": "$ANSIBLE_VAULT;1.1;AES256\n3030"}}], "inline !vault"),
+        ([{"name": "ops", "key": "{{ vault_sdserve_ops_key }}"}], "Jinja template"),
+        ([{"name": "ops"}], "first entry of sd_service_api_keys has no key"),
+        ("ops", "first entry of sd_service_api_keys has no key"),
+    ],
+)
+def test_inventory_keys_sdnode_cannot_use_are_named(tmp_path: Path, keys: object, message: str) -> None:
+    write_key(tmp_path, "n1.default.key", "generated-key-000000")  # never a silent fallback
+    with pytest.raises(Day2Error, match=message) as err:
+        api_key(tmp_path, "n1", {"sd_service_api_keys": keys})
+    assert "n1" in str(err.value) and "sd_service_api_keys" in str(err.value)
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 """sdnode's SSH layer against an in-process Paramiko SSH server on loopback: host key checks, key auth,
-commands, and HTTP through direct-tcpip channels to a real HTTP server, including sshd's refusals."""
+commands, HTTP through direct-tcpip channels to a real HTTP server (IPv4 and IPv6), including sshd's
+refusals, and `status` taking each instance's endpoint from the node's manifest."""
 
 from __future__ import annotations
 
@@ -8,17 +9,18 @@ import socket
 import subprocess
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
 
 import paramiko
 import pytest
-from sdnode.day2 import Day2Error
+from sdnode.day2 import Day2Error, service
 from sdnode.day2.inventory import Node
 from sdnode.day2.keys import generate_key_pair
 from sdnode.day2.remote import NodeSession
+from sdnode.day2.service import node_status
 
 
 def _pipe(a: paramiko.Channel, b: socket.socket) -> None:
@@ -145,12 +147,26 @@ def load(path: Path) -> paramiko.PKey:
     return paramiko.Ed25519Key.from_private_key_file(str(path))
 
 
-@pytest.fixture(scope="module")
-def http_port() -> Iterator[int]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+class HTTP6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+def serve(server: ThreadingHTTPServer, url: str) -> Iterator[str]:
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server.server_address[1]
+    yield url.format(port=server.server_address[1])
     server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def http_url() -> Iterator[str]:
+    """The HTTP server on the "node", as a manifest's instance url names it (no trailing slash)."""
+    yield from serve(ThreadingHTTPServer(("127.0.0.1", 0), Handler), "http://127.0.0.1:{port}")
+
+
+@pytest.fixture(scope="module")
+def http6_url() -> Iterator[str]:
+    """The same on IPv6 loopback, as the node records an instance listening on `::`."""
+    yield from serve(HTTP6Server(("::1", 0), Handler), "http://[::1]:{port}")
 
 
 def make_server(keys: dict[str, Path], allow_forwarding: bool = True) -> Server:
@@ -175,18 +191,18 @@ def server(keys: dict[str, Path]) -> Iterator[Server]:
 
 
 def test_commands_and_http_over_the_connection(
-    server: Server, keys: dict, tmp_path: Path, http_port: int
+    server: Server, keys: dict, tmp_path: Path, http_url: str
 ) -> None:
     target = node(server.port, keys["client"], known_hosts(tmp_path, server.port, load(keys["host"])))
     with NodeSession(target) as session:
         assert session.run("echo out; echo err >&2; exit 3") == (3, "out\n", "err\n")
         Handler.seen.clear()
-        answer = session.http("GET", http_port, "/readyz", token="s3cret-token")
+        answer = session.http("GET", f"{http_url}/readyz", token="s3cret-token")
         assert (answer.status, answer.json()["status"]) == (200, "ready")
         assert answer.headers["content-type"] == "application/json"
         assert Handler.seen == [{"path": "/readyz", "authorization": "Bearer s3cret-token"}]
         # Several requests over the same SSH connection, each on its own channel.
-        assert [session.http("GET", http_port, "/nope").status for _ in range(3)] == [404, 404, 404]
+        assert [session.http("GET", f"{http_url}/nope").status for _ in range(3)] == [404, 404, 404]
 
 
 def test_unknown_host_key_is_refused(server: Server, keys: dict, tmp_path: Path) -> None:
@@ -223,11 +239,11 @@ def test_nothing_listening_on_the_node(server: Server, keys: dict, tmp_path: Pat
         ) as session,
         pytest.raises(Day2Error, match="connection refused"),
     ):
-        session.http("GET", closed, "/readyz")
+        session.http("GET", f"http://127.0.0.1:{closed}/readyz")
 
 
 def test_forwarding_forbidden_by_sshd_falls_back_to_the_nodes_python(
-    keys: dict, tmp_path: Path, http_port: int
+    keys: dict, tmp_path: Path, http_url: str
 ) -> None:
     """AllowTcpForwarding no: the same request, made on the node by its python3, same answer."""
     strict = make_server(keys, allow_forwarding=False)
@@ -235,10 +251,10 @@ def test_forwarding_forbidden_by_sshd_falls_back_to_the_nodes_python(
         target = node(strict.port, keys["client"], known_hosts(tmp_path, strict.port, load(keys["host"])))
         with NodeSession(target) as session:
             Handler.seen.clear()
-            answer = session.http("GET", http_port, "/readyz", token="s3cret-token")
+            answer = session.http("GET", f"{http_url}/readyz", token="s3cret-token")
             assert (answer.status, answer.json()["status"]) == (200, "ready")
             assert answer.headers["content-type"] == "application/json"
-            assert session.http("GET", http_port, "/nope").status == 404  # an error status is an answer
+            assert session.http("GET", f"{http_url}/nope").status == 404  # an error status is an answer
             assert Handler.seen == [
                 {"path": "/readyz", "authorization": "Bearer s3cret-token"},
                 {"path": "/nope", "authorization": None},
@@ -246,7 +262,77 @@ def test_forwarding_forbidden_by_sshd_falls_back_to_the_nodes_python(
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 closed = s.getsockname()[1]
-            with pytest.raises(Day2Error, match=r"cannot connect to .*Connection refused"):
-                session.http("GET", closed, "/readyz")
+            with pytest.raises(Day2Error, match=r"cannot connect on the node: .*Connection refused"):
+                session.http("GET", f"http://127.0.0.1:{closed}/readyz")
     finally:
         strict.close()
+
+
+def test_http_to_an_ipv6_url_both_ways(keys: dict, tmp_path: Path, http6_url: str) -> None:
+    """An instance listening on `::` is recorded as http://[::1]:PORT; both transports reach it."""
+    for forwarding in (True, False):
+        ssh = make_server(keys, allow_forwarding=forwarding)
+        try:
+            target = node(ssh.port, keys["client"], known_hosts(tmp_path, ssh.port, load(keys["host"])))
+            with NodeSession(target) as session:
+                answer = session.http("GET", f"{http6_url}/readyz")
+                assert (answer.status, answer.json()["path"]) == (200, "/readyz"), forwarding
+        finally:
+            ssh.close()
+
+
+def write_manifest(path: Path, instances: object) -> None:
+    path.write_text(json.dumps({"model": {"id": "tiny", "revision": "r1"}, "instances": instances}))
+
+
+@pytest.fixture
+def manifest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The node's manifest: the fake sshd runs commands on this machine, so a file of the test's own."""
+    path = tmp_path / "manifest.json"
+    monkeypatch.setattr(service, "MANIFEST", str(path))
+    return path
+
+
+def test_status_takes_instances_and_endpoints_from_the_manifest(
+    server: Server, keys: dict, tmp_path: Path, manifest: Path, http6_url: str
+) -> None:
+    """Instance 3 on IPv6 at a port no inventory names: status asks exactly there, with the key."""
+    port = int(http6_url.rsplit(":", 1)[1])
+    write_manifest(manifest, [{"name": "sdserve@3", "index": 3, "port": port, "url": http6_url}])
+    state = tmp_path / "state"
+    (state / "api-keys").mkdir(parents=True)
+    (state / "api-keys" / "n1.default.key").write_text("generated-key-000000\n")
+    known = known_hosts(tmp_path, server.port, load(keys["host"]))
+    target = replace(node(server.port, keys["client"], known), accelerator="cpu")
+    Handler.seen.clear()
+    result = node_status(target, state)
+    assert result.error == ""
+    [instance] = result.instances
+    assert (instance.instance, instance.port, instance.url, instance.ready) == (3, port, http6_url, "yes")
+    assert instance.model == "tiny@r1"
+    assert Handler.seen == [
+        {"path": "/readyz", "authorization": None},
+        {"path": "/metrics", "authorization": "Bearer generated-key-000000"},
+    ]
+
+
+@pytest.mark.parametrize(
+    "instances, message",
+    [
+        (
+            ["sdserve@0"],
+            "{path} is in the old format (instances without endpoints); deploy it again (make deploy)",
+        ),
+        ([], "{path} records no instances; deploy it again (make deploy)"),
+        (None, "no {path}; deploy it again (make deploy) so that it records its instances"),  # no manifest
+    ],
+)
+def test_status_of_a_node_without_endpoints_says_to_deploy(
+    server: Server, keys: dict, tmp_path: Path, manifest: Path, instances: object, message: str
+) -> None:
+    if instances is not None:
+        write_manifest(manifest, instances)
+    known = known_hosts(tmp_path, server.port, load(keys["host"]))
+    result = node_status(replace(node(server.port, keys["client"], known), accelerator="cpu"), tmp_path)
+    assert (result.reachable, result.instances, result.healthy) == (True, [], False)
+    assert message.format(path=manifest) in result.error and "\n" not in result.error

@@ -29,13 +29,13 @@ from rich.table import Table
 from sdnode.day2 import Day2Error
 from sdnode.day2.bootstrap import bootstrap
 from sdnode.day2.grid import make_grid
-from sdnode.day2.inventory import Node, default_inventory, find_host, load_nodes
+from sdnode.day2.inventory import Node, default_inventory, find_host, host_names, load_nodes
 from sdnode.day2.keys import fleet_key_path, generate_key_pair, read_public_key
 from sdnode.day2.manifest import DEFAULT_IGNORE, diff_manifests
 from sdnode.day2.metrics import fmt_number
 from sdnode.day2.remote import NodeSession
-from sdnode.day2.service import discover, need_token, node_status, read_manifest
-from sdnode.day2.smoke import DEFAULT_PROMPT, DEFAULT_SEED, SmokeResult, generate, parse_size, request_body
+from sdnode.day2.service import Instance, manifest_instances, node_api_key, node_status, read_manifest
+from sdnode.day2.smoke import DEFAULT_PROMPT, DEFAULT_SEED, SmokeResult, generate, node_request
 from sdnode.state import state_dir
 
 EXIT_OK, EXIT_BAD, EXIT_ERROR = 0, 1, 2
@@ -199,6 +199,13 @@ def status_table(results: list[Any]) -> Table:
     return table
 
 
+def cmd_hosts(args: argparse.Namespace) -> int:
+    """The make targets run this first: a missing, unparsable or empty inventory stops them here."""
+    # Names only: a host whose variables only Ansible can render (templates, vault) is still fine to deploy.
+    print("\n".join(host_names(args.inventory, args.limit)))
+    return EXIT_OK
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     nodes = load_nodes(args.inventory, args.limit)
     st = state()
@@ -295,24 +302,22 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_smoke(args: argparse.Namespace) -> int:
-    if args.size:
-        parse_size(args.size)
-    if args.steps is not None and args.steps < 1:
-        raise Day2Error("--steps must be at least 1")
     nodes = load_nodes(args.inventory, args.limit)
+    # Every node's request before any connection: a bad flag or sdnode_smoke_* stops the run here.
+    bodies = {n.name: node_request(n, args.prompt, args.seed, args.size, args.steps) for n in nodes}
     st = state()
     out_dir = st / "smoke"
     out_dir.mkdir(parents=True, exist_ok=True)
-    body = request_body(args.prompt, args.seed, args.size, args.steps)
 
-    # Connect and find the instances first, so the progress bar knows the total.
-    def prepare(node: Node) -> tuple[Node, NodeSession | None, list[int], str | None, str]:
+    # Connect and read each node's instances first, so the progress bar knows the total.
+    def prepare(node: Node) -> tuple[Node, NodeSession | None, list[Instance], str | None, str]:
         try:
+            token = node_api_key(st, node)
             session = NodeSession(node).open()
         except Day2Error as exc:
             return node, None, [], None, str(exc)
         try:
-            return node, session, discover(session).instances, need_token(st, node), ""
+            return node, session, manifest_instances(node.name, read_manifest(session)), token, ""
         except Day2Error as exc:
             session.close()
             return node, None, [], None, str(exc)
@@ -321,13 +326,16 @@ def cmd_smoke(args: argparse.Namespace) -> int:
     results: list[SmokeResult] = []
     for node, session, _, _, error in prepared:
         if session is None:
-            results.append(SmokeResult(f"{node.name}-?", False, 0.0, error.removeprefix(f"{node.name}: ")))
-    jobs = [(session, n, token) for _, session, instances, token, _ in prepared if session for n in instances]
+            detail = error.removeprefix(f"{node.name}: ")
+            results.append(SmokeResult(node.name, None, bodies[node.name]["seed"], False, 0.0, detail))
+    jobs = [(session, i, token) for _, session, instances, token, _ in prepared if session for i in instances]
     tty = sys.stdout.isatty()
     started = time.monotonic()
     pool = ThreadPoolExecutor(max_workers=max(1, min(64, len(jobs))))
     try:
-        futures = [pool.submit(generate, s, n, t, body, out_dir, args.timeout) for s, n, t in jobs]
+        futures = [
+            pool.submit(generate, s, i, t, bodies[s.node.name], out_dir, args.timeout) for s, i, t in jobs
+        ]
         progress = Progress(
             TextColumn("smoke"),
             BarColumn(),
@@ -360,18 +368,19 @@ def cmd_smoke(args: argparse.Namespace) -> int:
                 session.close()
         pool.shutdown(wait=True, cancel_futures=True)
     for r in results:
-        if not r.ok and r.label.endswith("-?"):
-            print(f"{r.label[:-2]} FAILED: {r.detail}")
-    results.sort(key=lambda r: r.label)
+        if r.instance is None:
+            print(f"{r.node} FAILED: {r.detail}")
+    results.sort(key=lambda r: (r.node, -1 if r.instance is None else r.instance))
     ok = [r for r in results if r.ok]
-    if results:
-        grid = out_dir / "grid.png"
-        make_grid([(r.label, r.image) for r in results]).save(grid)
-        print(f"grid: {grid}")
     print(
         f"{len(ok)}/{len(results)} instance{'s' if len(results) != 1 else ''} generated in "
         f"{time.monotonic() - started:.1f}s; images in {out_dir}"
     )
+    if results:
+        # Only this run's results: the directory may hold images of nodes no longer in the inventory.
+        grid = out_dir / "grid.png"
+        make_grid([(r.caption(), r.image) for r in results]).save(grid)
+        print(f"grid: {grid}")
     return EXIT_OK if results and len(ok) == len(results) else EXIT_BAD
 
 
@@ -541,6 +550,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bootstrap)
 
     p = sub.add_parser(
+        "hosts",
+        parents=[common],
+        help="the inventory's sdnodes hosts; an error when it is missing, unparsable or names none",
+    )
+    p.set_defaults(func=cmd_hosts)
+
+    p = sub.add_parser(
         "status", parents=[common], help="per node and instance: reachable, driver, service, ready, figures"
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -555,12 +571,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_logs)
 
     p = sub.add_parser(
-        "smoke", parents=[common], help="one generation on every instance at once; images and a grid"
+        "smoke",
+        parents=[common],
+        help="one generation on every instance at once; images and a grid (defaults: sdnode_smoke_*)",
     )
-    p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    p.add_argument("--size", help="WxH, e.g. 512x512 (default: the model's native size)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the service's)")
+    p.add_argument("--prompt", help=f"default: sdnode_smoke_prompt, else {DEFAULT_PROMPT!r}")
+    p.add_argument("--seed", type=int, help=f"default: sdnode_smoke_seed, else {DEFAULT_SEED}")
+    p.add_argument(
+        "--size",
+        help="WxH, e.g. 512x512 (default: sdnode_smoke_width x sdnode_smoke_height, else the model's own)",
+    )
+    p.add_argument(
+        "--steps", type=int, help="denoising steps (default: sdnode_smoke_steps, else the service's)"
+    )
     p.add_argument("--timeout", type=float, default=600, help="seconds to wait for each image (default: 600)")
     p.set_defaults(func=cmd_smoke)
 

@@ -1,7 +1,7 @@
 """`make demo [OS=ubuntu-22.04|ubuntu-24.04]`: the kit's main job on one local throwaway node, CPU
 mode, tiny model; Debian 12 unless OS names another release (one node per release).
 
-Phases: node up -> tiny model -> site.yml -> smoke.yml, each timed and shown as it runs. A second run
+Phases: node up -> tiny model -> site.yml -> sdnode smoke, each timed and shown as it runs. A second run
 reuses the node (site.yml is idempotent, so it is quick). `--clean` removes the node.
 """
 
@@ -75,11 +75,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             run([venv_tool("sdserve"), "make-tiny-model", str(model)], repo)
     inventory = build_inventory(inventory_dir, [node], repo / "inventory.local" / "group_vars")
-    playbook = [venv_tool("ansible-playbook"), "-i", str(inventory)]
     with phases.phase("site.yml: base, driver (skipped: cpu node), python env, model, service"):
-        run([*playbook, "playbooks/site.yml"], repo)
-    with phases.phase("smoke.yml: one generation per instance through the API"):
-        run([*playbook, "playbooks/smoke.yml"], repo)
+        run([venv_tool("ansible-playbook"), "-i", str(inventory), "playbooks/site.yml"], repo)
+    with phases.phase("sdnode smoke: one generation per instance through the API"):
+        run([venv_tool("sdnode"), "smoke", "-i", str(inventory)], repo)
 
     images = sorted((state / "smoke").glob(f"{node}-*.png"))
     manifest = state / "manifests" / f"{node}.json"
@@ -87,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     for title, seconds in phases.timings:
         print(f"    {seconds:7.1f}s  {title}")
     print(f"    sample image(s): {', '.join(map(str, images)) or 'none found (see smoke output)'}")
-    print(f"    contact sheet:   {state / 'smoke' / 'contact-sheet.png'}")
+    print(f"    grid:            {state / 'smoke' / 'grid.png'}")
     print(f"    node manifest:   {manifest}{'' if manifest.exists() else ' (missing!)'}")
     print(f"    inventory:       {inventory / 'hosts.yml'}")
     print(f"    log in:          .venv/bin/testnode ssh {node}")

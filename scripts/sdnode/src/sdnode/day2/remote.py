@@ -1,6 +1,6 @@
 """SSH to a node (Fabric over Paramiko, host keys checked against the inventory's known_hosts) and HTTP to
-the node's service over that SSH connection: a direct-tcpip channel to the node's loopback per request, so
-the service needs no open port and the node needs no curl."""
+the node's service over that SSH connection: a direct-tcpip channel per request to a URL as the node itself
+sees it (the manifest's instance url), so the service needs no open port and the node needs no curl."""
 
 from __future__ import annotations
 
@@ -224,21 +224,12 @@ class NodeSession:
         return result.exited, result.stdout, result.stderr
 
     def http(
-        self,
-        method: str,
-        port: int,
-        path: str,
-        *,
-        token: str | None = None,
-        body: Any = None,
-        timeout: float = 30.0,
-        host: str = "127.0.0.1",
+        self, method: str, url: str, *, token: str | None = None, body: Any = None, timeout: float = 30.0
     ) -> HTTPResult:
-        """One HTTP request to `host`:`port` as seen from the node (its loopback by default); raises
-        Day2Error when it cannot be made. An HTTP error status is a result, not an exception."""
-        url = f"http://{f'[{host}]' if ':' in host else host}:{port}{path}"
+        """One HTTP request to `url` as the node itself reaches it; raises Day2Error when it cannot be
+        made. An HTTP error status is a result, not an exception."""
         if not self._forwarding:
-            return self._http_by_node(method, url, port, path, token, body, timeout)
+            return self._http_by_node(method, url, token, body, timeout)
         if self._pool is None:
             transport = self.connection.transport
             if transport is None or not transport.is_active():
@@ -260,25 +251,21 @@ class NodeSession:
                 extensions={"timeout": {"connect": 15.0, "read": timeout, "write": 30.0, "pool": timeout}},
             )
         except httpcore.TimeoutException:
-            raise Day2Error(
-                f"{self.node.name}: {method} {path} on port {port}: no answer in {timeout:.0f} s"
-            ) from None
+            raise Day2Error(f"{self.node.name}: {method} {url}: no answer in {timeout:.0f} s") from None
         except _ForwardingForbidden:
             self._forwarding = False
-            return self._http_by_node(method, url, port, path, token, body, timeout)
+            return self._http_by_node(method, url, token, body, timeout)
         except httpcore.ConnectError as exc:
-            raise Day2Error(f"{self.node.name}: {method} {path}: cannot connect to {exc}") from None
+            raise Day2Error(f"{self.node.name}: {method} {url}: cannot connect to {exc}") from None
         except httpcore.NetworkError as exc:
-            raise Day2Error(f"{self.node.name}: {method} {path} on port {port}: {exc}") from None
+            raise Day2Error(f"{self.node.name}: {method} {url}: {exc}") from None
         except httpcore.ProtocolError as exc:
-            raise Day2Error(
-                f"{self.node.name}: {method} {path} on port {port}: bad HTTP answer: {exc}"
-            ) from None
+            raise Day2Error(f"{self.node.name}: {method} {url}: bad HTTP answer: {exc}") from None
         decoded = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in response.headers}
         return HTTPResult(response.status, decoded, response.content)
 
     def _http_by_node(
-        self, method: str, url: str, port: int, path: str, token: str | None, body: Any, timeout: float
+        self, method: str, url: str, token: str | None, body: Any, timeout: float
     ) -> HTTPResult:
         """The request made on the node by its python3 (for sshd with AllowTcpForwarding no)."""
         headers = {"Accept": "*/*"}
@@ -304,12 +291,10 @@ class NodeSession:
             answer = json.loads(out)
         except json.JSONDecodeError:
             detail = (err.strip().splitlines() or [f"rc={rc}"])[-1]
-            raise Day2Error(
-                f"{self.node.name}: {method} {path} on port {port} (via the node's {python}): {detail}"
-            ) from None
+            raise Day2Error(f"{self.node.name}: {method} {url} (via the node's {python}): {detail}") from None
         if "error" in answer:
             raise Day2Error(
-                f"{self.node.name}: {method} {path}: cannot connect to {url} on the node: {answer['error']}"
+                f"{self.node.name}: {method} {url}: cannot connect on the node: {answer['error']}"
             )
         headers_out = {k.lower(): v for k, v in answer["headers"].items()}
         return HTTPResult(answer["status"], headers_out, base64.b64decode(answer["body"]))

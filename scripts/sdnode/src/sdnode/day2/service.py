@@ -2,65 +2,71 @@
 
 from __future__ import annotations
 
+import functools
 import json
-import re
 import shlex
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sdnode.day2 import Day2Error
-from sdnode.day2.inventory import Node
+from sdnode.day2.inventory import Node, needs_rendering, plain, rendered_var, role_default
 from sdnode.day2.metrics import parse_figures
 from sdnode.day2.remote import HTTPResult, NodeSession
 
 MANIFEST = "/etc/sdserve/manifest.json"
 KEY_FILE = "/etc/sdserve/api-keys"
-UNIT_RE = re.compile(r"^sdserve@(\d+)\.service$")
-WILDCARD_LISTEN = ("0.0.0.0", "::", "127.0.0.1", "localhost")
+REDEPLOY = "deploy it again (make deploy) so that it records its instances"
 
 
-def probe_host(node: Node) -> str:
-    """Where on the node to reach the service: loopback unless it listens on one specific other address."""
-    address = str(node.vars.get("sd_service_listen_address", "127.0.0.1"))
-    return "127.0.0.1" if address in WILDCARD_LISTEN or "{{" in address else address
+def generated_key_path(state: Path, host: str, hostvars: Mapping[str, Any]) -> Path:
+    """Where the deploy keeps the key it generated for the first name in sd_service_generated_keys."""
+    names = plain(
+        host,
+        "sd_service_generated_keys",
+        hostvars.get("sd_service_generated_keys", role_default("sd_service", "sd_service_generated_keys")),
+    )
+    if not isinstance(names, list) or not names or not isinstance(names[0], str):
+        raise Day2Error(f"host {host}: sd_service_generated_keys must be a list of key names, got {names!r}")
+    return state / "api-keys" / f"{host}.{names[0]}.key"
 
 
-def api_key_files(state: Path, node: Node) -> list[Path]:
-    """The deploy's generated keys for `node`: $STATE/api-keys/<inventory_hostname>.<name>.key, sorted."""
-    return sorted((state / "api-keys").glob(f"{node.name}.*.key"))
-
-
-def api_token(state: Path, node: Node) -> str | None:
-    files = api_key_files(state, node)
-    if not files:
-        return None
+def api_key(
+    state: Path, host: str, hostvars: Mapping[str, Any], render: Callable[[str], Any] | None = None
+) -> str:
+    """The API key sent to `host`'s instances, chosen as the deploy chose the keys it installed: the first of
+    the inventory's sd_service_api_keys (Vault), else the key the deploy generated (generated_key_path).
+    `render(name)` gives a variable as a play sees it, for keys written as templates or inline !vault."""
+    given = hostvars.get("sd_service_api_keys")
+    if render is not None and needs_rendering(given):
+        given = render("sd_service_api_keys")
+    given = plain(host, "sd_service_api_keys", given)
+    if given:
+        first = given[0] if isinstance(given, list) else None
+        key = plain(host, "sd_service_api_keys", first.get("key") if isinstance(first, dict) else None)
+        if not isinstance(key, str) or not key:
+            raise Day2Error(f"host {host}: the first entry of sd_service_api_keys has no key")
+        return key
+    path = generated_key_path(state, host, hostvars)
     try:
-        return files[0].read_text().strip() or None
+        key = path.read_text().strip()
+    except FileNotFoundError:
+        key = ""
     except OSError as exc:
-        raise Day2Error(f"{node.name}: cannot read API key {files[0]}: {exc.strerror}") from None
-
-
-def need_token(state: Path, node: Node) -> str:
-    token = api_token(state, node)
-    if token is None:
+        raise Day2Error(f"{host}: cannot read API key {path}: {exc.strerror}") from None
+    if not key:
         raise Day2Error(
-            f"{node.name}: no API key in {state / 'api-keys'}/{node.name}.<name>.key (the deploy writes it; "
-            f"with keys from sd_service_api_keys, copy one there, mode 0600)"
+            f"{host}: no API key: set sd_service_api_keys in the inventory, or deploy once (make deploy) "
+            f"so that the key is generated at {path}"
         )
-    return token
+    return key
 
 
-def parse_units(text: str) -> list[int]:
-    """Instance numbers from `systemctl list-units --plain --no-legend` lines."""
-    found = set()
-    for line in text.splitlines():
-        words = line.split()
-        if words:
-            m = UNIT_RE.match(words[0].lstrip("●* "))
-            if m:
-                found.add(int(m.group(1)))
-    return sorted(found)
+def node_api_key(state: Path, node: Node) -> str:
+    """api_key for an inventory node, rendering a templated or inline-vault key through Ansible."""
+    render = functools.partial(rendered_var, node.inventory, node.name) if node.inventory else None
+    return api_key(state, node.name, node.vars, render)
 
 
 def parse_driver(text: str) -> tuple[str, int]:
@@ -71,42 +77,47 @@ def parse_driver(text: str) -> tuple[str, int]:
     return ",".join(sorted(set(versions))), len(versions)
 
 
-@dataclass
-class Discovery:
-    """What runs on a node: driver, GPU count and instance numbers."""
-
-    driver: str
-    gpus: int | None
-    instances: list[int]
-
-
-def discover(session: NodeSession) -> Discovery:
-    """Instance numbers: the sdserve@N units systemd knows, together with those the node should run
-    (0 on cpu nodes; sd_service_gpu_indexes or one per GPU on nvidia nodes), so a missing one shows up."""
-    node = session.node
-    _, units_out, _ = session.run(
-        "systemctl list-units --all --plain --no-legend --no-pager 'sdserve@*' 2>/dev/null"
-    )
-    listed = parse_units(units_out)
-    if node.accelerator == "cpu":
-        return Discovery("-", None, sorted(set(listed) | {0}))
+def gpu_facts(session: NodeSession) -> tuple[str, int]:
+    """(driver version, GPU count) of an nvidia node: node state shown by status, not where instances are."""
     rc, out, err = session.run("nvidia-smi --query-gpu=driver_version --format=csv,noheader")
     if rc != 0:
         detail = (err or out).strip().splitlines()
-        raise Day2Error(f"{node.name}: nvidia-smi failed: {detail[-1] if detail else 'rc=' + str(rc)}")
-    driver, gpus = parse_driver(out)
-    wanted = node.vars.get("sd_service_gpu_indexes") or list(range(gpus))
+        why = detail[-1] if detail else f"rc={rc}"
+        raise Day2Error(f"{session.node.name}: nvidia-smi failed: {why}")
+    return parse_driver(out)
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One sdserve instance as the node's manifest records it; `url` is how the node itself reaches it."""
+
+    name: str  # the systemd unit, sdserve@N
+    index: int
+    port: int
+    url: str  # no trailing slash
+
+
+def manifest_instances(host: str, manifest: Mapping[str, Any]) -> list[Instance]:
+    """The instances a manifest records, each with its endpoint as computed on the node at deploy time."""
+    items = manifest.get("instances")
+    if not isinstance(items, list) or not items:
+        raise Day2Error(f"{host}: {MANIFEST} records no instances; {REDEPLOY}")
+    if not all(isinstance(item, Mapping) for item in items):
+        raise Day2Error(f"{host}: {MANIFEST} is in the old format (instances without endpoints); {REDEPLOY}")
     try:
-        expected = {int(i) for i in wanted}
-    except (TypeError, ValueError):
-        expected = set()
-    return Discovery(driver, gpus, sorted(set(listed) | expected))
+        return [Instance(str(i["name"]), int(i["index"]), int(i["port"]), str(i["url"])) for i in items]
+    except (KeyError, TypeError, ValueError):
+        raise Day2Error(
+            f"{host}: {MANIFEST} has an instance without name, index, port or url; {REDEPLOY}"
+        ) from None
 
 
 def read_manifest(session: NodeSession) -> dict[str, Any]:
     rc, out, err = session.run(f"cat {MANIFEST}", sudo=True)
+    node = session.node
+    if rc != 0 and "No such file" in err:
+        raise Day2Error(f"{node.name}: no {MANIFEST}; {REDEPLOY}")
     if rc != 0:
-        node = session.node
         hint = "; set ansible_become: true for this host" if node.user != "root" and not node.become else ""
         detail = (err or out).strip() or f"rc={rc}"
         raise Day2Error(f"{node.name}: cannot read {MANIFEST}: {detail}{hint}")
@@ -130,6 +141,7 @@ def model_label(manifest: dict[str, Any] | None) -> str:
 class InstanceStatus:
     instance: int
     port: int
+    url: str
     service: str = "-"
     ready: str = "-"  # yes / no / the error
     queue_depth: float | None = None
@@ -175,21 +187,22 @@ def readyz_state(answer: HTTPResult) -> str:
     return state if isinstance(state, str) and state else f"HTTP {answer.status}"
 
 
-def instance_status(session: NodeSession, instance: int, token: str | None, model: str) -> InstanceStatus:
+def instance_status(
+    session: NodeSession, instance: Instance, token: str | None, model: str, key_error: str = ""
+) -> InstanceStatus:
+    """What `instance` says about itself; `key_error` is why there is no `token` (for the note)."""
     node = session.node
-    port = node.service_port(instance)
-    status = InstanceStatus(instance, port, model=model)
-    _, out, _ = session.run(f"systemctl is-active {shlex.quote(f'sdserve@{instance}')}")
+    status = InstanceStatus(instance.index, instance.port, instance.url, model=model)
+    _, out, _ = session.run(f"systemctl is-active {shlex.quote(instance.name)}")
     status.service = out.strip() or "unknown"
-    host = probe_host(node)
     try:
-        ready = session.http("GET", port, "/readyz", timeout=15, host=host)
+        ready = session.http("GET", f"{instance.url}/readyz", timeout=15)
         status.ready = "yes" if ready.status == 200 else f"no ({readyz_state(ready)})"
     except Day2Error as exc:
         status.ready = "down" if "cannot connect" in str(exc) else "error"
         return status
     try:
-        metrics = session.http("GET", port, "/metrics", token=token, timeout=15, host=host)
+        metrics = session.http("GET", f"{instance.url}/metrics", token=token, timeout=15)
         if metrics.status == 200:
             figures = parse_figures(metrics.text)
             status.queue_depth, status.images = figures.queue_depth, figures.images
@@ -203,25 +216,19 @@ def instance_status(session: NodeSession, instance: int, token: str | None, mode
                     "(`sdnode logs` says why)"
                 )
         elif metrics.status in (401, 403):
-            status.note = f"/metrics refused the API key ({'none found' if token is None else 'rejected'})"
+            why = key_error.removeprefix(f"{node.name}: ") if token is None else "rejected"
+            status.note = f"/metrics refused the API key ({why})"
         else:
             status.note = f"/metrics answered HTTP {metrics.status}"
     except Day2Error as exc:
         status.note = str(exc).removeprefix(f"{node.name}: ")
     except ValueError as exc:
         status.note = f"/metrics is not Prometheus text: {exc}"
-    if status.model == "-" and token is not None:
-        # No readable manifest: the model id the service itself reports.
-        try:
-            models = session.http("GET", port, "/v1/models", token=token, timeout=15, host=host)
-            status.model = models.json()["data"][0]["id"] if models.status == 200 else "-"
-        except (Day2Error, ValueError, KeyError, IndexError, TypeError):
-            pass
     return status
 
 
 def node_status(node: Node, state: Path) -> NodeStatus:
-    result = NodeStatus(node.name, node.address, reachable=False, accelerator=node.accelerator)
+    result = NodeStatus(node.name, node.address, reachable=False, accelerator=node.accelerator or "")
     try:
         session = NodeSession(node).open()
     except Day2Error as exc:
@@ -230,14 +237,16 @@ def node_status(node: Node, state: Path) -> NodeStatus:
     with session:
         result.reachable = True
         try:
-            found = discover(session)
-            result.driver, result.gpus = found.driver, found.gpus
+            if node.accelerator == "nvidia":
+                result.driver, result.gpus = gpu_facts(session)
+            manifest = read_manifest(session)
+            instances = manifest_instances(node.name, manifest)
             try:
-                model = model_label(read_manifest(session))
-            except Day2Error:
-                model = "-"
-            token = api_token(state, node)
-            result.instances = [instance_status(session, n, token, model) for n in found.instances]
+                token, key_error = node_api_key(state, node), ""
+            except Day2Error as exc:
+                token, key_error = None, str(exc)
+            model = model_label(manifest)
+            result.instances = [instance_status(session, i, token, model, key_error) for i in instances]
         except Day2Error as exc:
             result.error = str(exc).removeprefix(f"{node.name}: ")
     return result

@@ -1,4 +1,5 @@
-"""`sdnode smoke`: one generation on every instance at once, each image checked and saved, then a grid."""
+"""`sdnode smoke` (and `make smoke`): one generation on every instance at once, each image checked and saved,
+then a grid."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from typing import Any
 from PIL import Image
 
 from sdnode.day2 import Day2Error
+from sdnode.day2.inventory import Node, as_int, plain
 from sdnode.day2.remote import NodeSession
-from sdnode.day2.service import probe_host
+from sdnode.day2.service import Instance
 
 DEFAULT_PROMPT = "a lighthouse on a rocky coast at dawn, oil painting"
 DEFAULT_SEED = 42
@@ -23,11 +25,15 @@ DEFAULT_SEED = 42
 def parse_size(text: str) -> tuple[int, int]:
     parts = text.lower().split("x")
     if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise Day2Error(f"--size must look like 512x512, got {text!r}")
+        raise Day2Error(f"size must look like 512x512, got {text!r}")
     return int(parts[0]), int(parts[1])
 
 
 def request_body(prompt: str, seed: int, size: str | None, steps: int | None) -> dict[str, Any]:
+    if size:
+        parse_size(size)
+    if steps is not None and steps < 1:
+        raise Day2Error(f"steps must be at least 1, got {steps}")
     body: dict[str, Any] = {"prompt": prompt, "n": 1, "response_format": "b64_json", "seed": seed}
     if size:
         body["size"] = size
@@ -36,13 +42,49 @@ def request_body(prompt: str, seed: int, size: str | None, steps: int | None) ->
     return body
 
 
+def node_request(
+    node: Node, prompt: str | None, seed: int | None, size: str | None, steps: int | None
+) -> dict[str, Any]:
+    """The request for `node`: each setting from the command line, else the inventory's sdnode_smoke_* for
+    the host (test nodes serve a tiny 64x64 model), else the default (size and steps: the service's)."""
+    v, host = node.vars, node.name
+    width, height = v.get("sdnode_smoke_width"), v.get("sdnode_smoke_height")
+    if size is None and (width, height) != (None, None):
+        if width is None or height is None:
+            raise Day2Error(f"host {host}: set sdnode_smoke_width and sdnode_smoke_height together")
+        size = f"{as_int(host, 'sdnode_smoke_width', width)}x{as_int(host, 'sdnode_smoke_height', height)}"
+    if steps is None and v.get("sdnode_smoke_steps") is not None:
+        steps = as_int(host, "sdnode_smoke_steps", v["sdnode_smoke_steps"])
+    if seed is None:
+        seed = as_int(host, "sdnode_smoke_seed", v.get("sdnode_smoke_seed", DEFAULT_SEED))
+    if prompt is None:
+        prompt = str(plain(host, "sdnode_smoke_prompt", v.get("sdnode_smoke_prompt") or DEFAULT_PROMPT))
+    try:
+        return request_body(prompt, seed, size, steps)
+    except Day2Error as exc:
+        raise Day2Error(f"host {host}: {exc} (from --size/--steps or its sdnode_smoke_*)") from None
+
+
 @dataclass
 class SmokeResult:
-    label: str  # <host>-<N>
+    node: str
+    instance: int | None  # None: the node failed before its instances were known
+    seed: int
     ok: bool
     seconds: float
     detail: str  # the saved path, or why it failed
     image: Image.Image | None = None
+
+    @property
+    def label(self) -> str:
+        """<host>-<N>, as the image is named."""
+        return f"{self.node}-{'?' if self.instance is None else self.instance}"
+
+    def caption(self) -> tuple[str, str]:
+        """The two lines under its tile in the grid: node; instance, seed and seconds."""
+        instance = "?" if self.instance is None else self.instance
+        outcome = f"seed {self.seed}" if self.ok else "FAILED"
+        return self.node, f"instance {instance}, {outcome}, {self.seconds:.1f}s"
 
 
 def error_detail(status: int, text: str) -> str:
@@ -76,30 +118,28 @@ def decode_png(payload: dict[str, Any], size: tuple[int, int] | None) -> tuple[b
 
 
 def generate(
-    session: NodeSession, instance: int, token: str, body: dict[str, Any], out_dir: Path, timeout: float
+    session: NodeSession, instance: Instance, token: str, body: dict[str, Any], out_dir: Path, timeout: float
 ) -> SmokeResult:
     node = session.node
-    label = f"{node.name}-{instance}"
-    path = out_dir / f"{label}.png"
+    path = out_dir / f"{node.name}-{instance.index}.png"
     path.unlink(missing_ok=True)  # an image left from an earlier run must not pass for this one
     started = time.monotonic()
     size = parse_size(body["size"]) if body.get("size") else None
+
+    def result(ok: bool, detail: str, image: Image.Image | None = None) -> SmokeResult:
+        seconds = time.monotonic() - started
+        return SmokeResult(node.name, instance.index, body["seed"], ok, seconds, detail, image)
+
     try:
         answer = session.http(
-            "POST",
-            node.service_port(instance),
-            "/v1/images/generations",
-            token=token,
-            body=body,
-            timeout=timeout,
-            host=probe_host(node),
+            "POST", f"{instance.url}/v1/images/generations", token=token, body=body, timeout=timeout
         )
         if answer.status != 200:
             raise Day2Error(error_detail(answer.status, answer.text))
         raw, image = decode_png(answer.json(), size)
     except Day2Error as exc:
-        return SmokeResult(label, False, time.monotonic() - started, str(exc).removeprefix(f"{node.name}: "))
+        return result(False, str(exc).removeprefix(f"{node.name}: "))
     except ValueError as exc:
-        return SmokeResult(label, False, time.monotonic() - started, f"bad image: {exc}")
+        return result(False, f"bad image: {exc}")
     path.write_bytes(raw)
-    return SmokeResult(label, True, time.monotonic() - started, str(path), image)
+    return result(True, str(path), image)
