@@ -62,3 +62,31 @@ def test_a_bad_variable_fails_naming_it(tmp_path: Path, bad: dict, named: str) -
     assert proc.returncode != 0, f"validate.yml accepted {bad}"
     failure = "\n".join(line for line in proc.stdout.splitlines() if "fatal:" in line or "failed:" in line)
     assert named in failure, proc.stdout[-3000:]
+
+
+def test_a_wrong_type_or_choice_is_one_short_line_per_variable(tmp_path: Path) -> None:
+    proc = validate(tmp_path, {**GOOD, "sd_service_port_base": "seventy", "nvidia_driver_source": "ppa"})
+    assert proc.returncode != 0
+    lines = proc.stdout.splitlines()
+    assert "  sd_service_port_base: expected int, got 'seventy'" in lines, proc.stdout[-3000:]
+    assert "  nvidia_driver_source: expected \"\" or ubuntu or cuda_repo, got 'ppa'" in lines
+    # Not the module's own message, which dumps the whole argument spec.
+    assert "argument_spec_data" not in proc.stdout and max(len(line) for line in lines) < 1000
+
+
+def test_an_inventory_without_nodes_fails_saying_how_to_make_one(tmp_path: Path) -> None:
+    """Before: "no hosts matched" on every play and exit 0; a missing path only a warning."""
+    empty = tmp_path / "hosts.yml"
+    empty.write_text("all: {}\n")
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), PATH=f"{bin_dir}:{os.environ['PATH']}")
+    for source, says in (
+        (empty, "cp -r inventory.example inventory"),
+        (tmp_path / "nope", "cp -r inventory.example inventory"),
+    ):
+        proc = subprocess.run(
+            [str(bin_dir / "ansible-playbook"), "-i", str(source), str(ROOT / "playbooks" / "site.yml")],
+            capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode != 0, f"site.yml ran against {source}: {proc.stdout[-2000:]}"
+        assert says in proc.stdout + proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
