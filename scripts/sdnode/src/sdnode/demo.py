@@ -8,6 +8,7 @@ reuses the node (site.yml is idempotent, so it is quick). `--clean` removes the 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -40,6 +41,15 @@ class Phases:
             print(f"<== {title}: {self.timings[-1][1]:.1f}s", flush=True)
 
 
+def set_up_seconds() -> float | None:
+    """Time make spent on the demo's prerequisites before this started: the Makefile exports the
+    moment it started as SDNODE_MAKE_STARTED (epoch seconds). None when run outside make."""
+    try:
+        return max(0.0, time.time() - float(os.environ["SDNODE_MAKE_STARTED"]))
+    except (KeyError, ValueError):
+        return None
+
+
 def run(argv: list[str], cwd: Path) -> None:
     proc = subprocess.run(argv, cwd=cwd)
     if proc.returncode != 0:
@@ -66,6 +76,9 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     phases = Phases()
+    setup = set_up_seconds()
+    if setup is not None:
+        phases.timings.append(("set-up: controller venv and host packages (make setup, host-setup)", setup))
     with phases.phase(f"throwaway node '{node}' ({TITLES[args.os]}, systemd-nspawn)"):
         run([venv_tool("testnode"), "up", node, "--os", args.os], repo)
     with phases.phase("tiny random Stable Diffusion model on the controller"):
@@ -85,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n==> demo done")
     for title, seconds in phases.timings:
         print(f"    {seconds:7.1f}s  {title}")
+    print(f"    {sum(s for _, s in phases.timings):7.1f}s  in all")
     print(f"    sample image(s): {', '.join(map(str, images)) or 'none found (see smoke output)'}")
     print(f"    grid:            {state / 'smoke' / 'grid.png'}")
     print(f"    node manifest:   {manifest}{'' if manifest.exists() else ' (missing!)'}")
