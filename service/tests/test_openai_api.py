@@ -234,3 +234,32 @@ def test_the_safety_checkers_verdict_reaches_the_response(live, tiny_model_with_
     unchecked = live()
     data = httpx.post(unchecked.url + "/v1/images/generations", json=body, timeout=60).json()["data"]
     assert all("nsfw" not in item for item in data)
+
+
+def test_refusals_name_the_deployments_variable_too(live):
+    """A deploy tool passes SETTING_HINTS; refusals that name a setting name its variable as well."""
+    server = live(
+        setting_hints="output_dir=sd_service_image_retention_minutes,max_body_bytes=sd_service_settings.max_body_bytes"
+    )
+    r = httpx.post(
+        server.url + "/v1/images/generations", json={"prompt": "x", "response_format": "url", **FAST}
+    )
+    err = r.json()["error"]
+    assert r.status_code == 422 and err["param"] == "response_format"
+    assert "SDSERVE_OUTPUT_DIR, set by sd_service_image_retention_minutes" in err["message"], err
+    r = httpx.post(
+        server.url + "/sdapi/v1/txt2img",
+        json={"prompt": "x", "save_images": True, "width": 64, "height": 64, "steps": 3},
+    )
+    assert r.status_code == 422 and "set by sd_service_image_retention_minutes" in r.json()["detail"]
+    big = b'{"prompt": "' + b"x" * (1024 * 1024 + 10) + b'"}'
+    r = httpx.post(
+        server.url + "/v1/images/generations", content=big, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 413
+    assert "SDSERVE_MAX_BODY_BYTES, set by sd_service_settings.max_body_bytes" in r.json()["error"]["message"]
+
+
+def test_a_hint_for_no_setting_is_refused_at_start(make_settings):
+    with pytest.raises(ValueError, match="'outputdir' is no setting"):
+        make_settings(setting_hints="outputdir=sd_service_image_retention_minutes")

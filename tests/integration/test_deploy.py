@@ -215,7 +215,7 @@ def test_url_images_are_kept_for_the_retention_then_not_at_all(
 ) -> None:
     """sd_service_image_retention_minutes > 0: response_format url works, its image lies in the
     instance's state directory, readable by the service user only; back to 0, url is refused with
-    a 422 naming the field and no image stays on the node."""
+    a 422 naming the field and the variable, and no image stays on the node."""
     node, inv = deployed.node, deployed.inventory
     images = "/var/lib/sdserve-state/0/images"
     kept = ansible_playbook(
@@ -232,6 +232,8 @@ def test_url_images_are_kept_for_the_retention_then_not_at_all(
     assert_converged(off)
     refused = url_image(testnodes, node)
     assert refused["status"] == 422 and refused["body"]["error"]["param"] == "response_format", refused
+    # The role passes its variable's name down: the refusal says what to set in the inventory.
+    assert "set by sd_service_image_retention_minutes" in refused["body"]["error"]["message"], refused
     assert node_sh(testnodes, node, f"test -e {images} && echo present || echo gone") == "gone"
 
 

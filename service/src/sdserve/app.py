@@ -46,15 +46,15 @@ class StartupRefused(RuntimeError):
 class BodyTooLarge(StarletteHTTPException):
     """An HTTPException so FastAPI's body reader passes it through unchanged."""
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"the request body is larger than {limit} bytes (SDSERVE_MAX_BODY_BYTES)")
+    def __init__(self, limit: int, setting: str) -> None:
+        super().__init__(413, f"the request body is larger than {limit} bytes ({setting})")
 
 
 class BodyTimeout(StarletteHTTPException):
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, setting: str) -> None:
         super().__init__(
             408,
-            f"the request body did not arrive within {seconds:g}s (SDSERVE_READ_TIMEOUT_S)",
+            f"the request body did not arrive within {seconds:g}s ({setting})",
             headers={"Connection": "close"},
         )
 
@@ -89,7 +89,13 @@ class RequestContext:
             await _send_json(
                 send,
                 413,
-                error_body(scope["path"], BodyTooLarge(limit).detail, None, "request_too_large", 413),
+                error_body(
+                    scope["path"],
+                    BodyTooLarge(limit, service.settings.name("max_body_bytes")).detail,
+                    None,
+                    "request_too_large",
+                    413,
+                ),
                 rid,
             )
             status["code"] = 413
@@ -109,11 +115,11 @@ class RequestContext:
             try:
                 message = await asyncio.wait_for(receive(), read_timeout)
             except asyncio.TimeoutError:
-                raise BodyTimeout(read_timeout) from None
+                raise BodyTimeout(read_timeout, service.settings.name("read_timeout_s")) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise BodyTooLarge(limit)
+                    raise BodyTooLarge(limit, service.settings.name("max_body_bytes"))
                 body_done = not message.get("more_body", False)
             else:
                 body_done = True

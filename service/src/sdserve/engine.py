@@ -356,14 +356,16 @@ class Engine:
             if len(self._queue) >= self.settings.queue_size:
                 self.metrics.rejected.labels("queue_full").inc()
                 raise QueueFull(
-                    f"the queue is full ({self.settings.queue_size} requests waiting); retry later"
+                    f"the queue is full ({self.settings.queue_size} requests waiting, "
+                    f"{self.settings.name('queue_size')}); retry later"
                 )
             if key_queue_limit is not None:
                 waiting = sum(1 for r in self._queue if r.key_name == key_name)
                 if waiting >= key_queue_limit:
                     self.metrics.rejected.labels("key_queue_full").inc()
                     raise KeyQueueFull(
-                        f"this key has {waiting} requests waiting, its limit (SDSERVE_MAX_QUEUED_PER_KEY); retry later"
+                        f"this key has {waiting} requests waiting, its limit "
+                        f"({self.settings.name('max_queued_per_key')}); retry later"
                     )
             self._queue.append(req)
             self._cond.notify_all()

@@ -198,7 +198,7 @@ class Generations:
             raise Cancelled("client disconnected")
         raise TimedOut(
             f"the request did not finish within {self.settings.request_timeout_s:g}s "
-            "(SDSERVE_REQUEST_TIMEOUT_S); use POST /v1/jobs for long work"
+            f"({self.settings.name('request_timeout_s')}); use POST /v1/jobs for long work"
         )
 
     async def run(

@@ -72,7 +72,8 @@ class JobStore:
         self.expire()
         if len(self.jobs) >= self.settings.max_jobs:
             raise Problem(
-                f"{len(self.jobs)} jobs are held (SDSERVE_MAX_JOBS); fetch or delete finished ones, or retry later",
+                f"{len(self.jobs)} jobs are held ({self.settings.name('max_jobs')}); "
+                "fetch or delete finished ones, or retry later",
                 status=429,
                 code="too_many_jobs",
                 headers={"Retry-After": "5"},
@@ -82,7 +83,8 @@ class JobStore:
             limit = self.settings.per_key_limits()[1]
             if held >= limit:
                 raise Problem(
-                    f"this key holds {held} jobs, its limit (SDSERVE_MAX_JOBS_PER_KEY); delete finished ones, or retry later",
+                    f"this key holds {held} jobs, its limit ({self.settings.name('max_jobs_per_key')}); "
+                    "delete finished ones, or retry later",
                     status=429,
                     code="too_many_jobs_for_key",
                     headers={"Retry-After": "5"},

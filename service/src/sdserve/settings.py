@@ -181,6 +181,12 @@ class Settings(BaseSettings):
     )
     log_prompts: bool = Field(False, description="Log prompts (off: prompts never reach the logs).")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    setting_hints: str = Field(
+        "",
+        description="What sets each setting where a deploy tool manages them, as setting=name pairs "
+        "(output_dir=sd_service_image_retention_minutes,max_jobs=...). Messages that name a setting "
+        "name that too; the service only quotes it.",
+    )
 
     @field_validator("warmup_sizes")
     @classmethod
@@ -201,6 +207,17 @@ class Settings(BaseSettings):
                 ipaddress.ip_network(part, strict=False)
             except ValueError:
                 raise ValueError(f"trusted proxy {part!r}: not an IP address or network") from None
+        return v
+
+    @field_validator("setting_hints")
+    @classmethod
+    def _hints(cls, v: str) -> str:
+        for part in filter(None, (p.strip() for p in v.split(","))):
+            setting, sep, name = part.partition("=")
+            if not sep or not name.strip():
+                raise ValueError(f"setting hint {part!r}: expected setting=name")
+            if setting.strip() not in cls.model_fields:
+                raise ValueError(f"setting hint {part!r}: {setting.strip()!r} is no setting")
         return v
 
     @field_validator("host")
@@ -225,6 +242,16 @@ class Settings(BaseSettings):
                 f"max_queued_per_key ({self.max_queued_per_key}) is above queue_size ({self.queue_size})"
             )
         return self
+
+    def name(self, setting: str) -> str:
+        """How a message names `setting`: its variable, and what the deployment sets it with where the
+        deployment said (SDSERVE_OUTPUT_DIR, set by sd_service_image_retention_minutes)."""
+        hints = dict(
+            (k.strip(), v.strip())
+            for k, _, v in (p.partition("=") for p in self.setting_hints.split(",") if p.strip())
+        )
+        variable = f"SDSERVE_{setting.upper()}"
+        return f"{variable}, set by {hints[setting]}" if setting in hints else variable
 
     def per_key_limits(self) -> tuple[int, int]:
         """(queued requests, jobs) one key may hold when several keys share the service."""

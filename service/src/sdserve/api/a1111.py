@@ -154,7 +154,9 @@ def check_unsupported(service: Service, body: Txt2ImgRequest) -> None:
             f"override_settings.{key}",
         )
     if body.save_images and service.settings.output_dir is None:
-        raise Problem("save_images: needs SDSERVE_OUTPUT_DIR on the server", "save_images")
+        raise Problem(
+            f"save_images: off on this server (it needs {service.settings.name('output_dir')})", "save_images"
+        )
 
 
 def title(service: Service) -> str:

@@ -92,7 +92,8 @@ def spec_of(service: Service, body: ImageGenerationRequest) -> GenerationSpec:
         )
     if body.response_format == "url" and s.output_dir is None:
         raise Problem(
-            "response_format: url needs SDSERVE_OUTPUT_DIR on the server; use b64_json", "response_format"
+            f"response_format: url is off on this server (it needs {s.name('output_dir')}); use b64_json",
+            "response_format",
         )
     width, height = parse_size(body.size) if body.size else service.native_size
     return make_spec(
