@@ -90,3 +90,25 @@ def test_an_inventory_without_nodes_fails_saying_how_to_make_one(tmp_path: Path)
         )  # fmt: skip
         assert proc.returncode != 0, f"site.yml ran against {source}: {proc.stdout[-2000:]}"
         assert says in proc.stdout + proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
+def test_a_missing_ssh_key_says_to_run_sdnode_keys(tmp_path: Path) -> None:
+    """Before: a raw lookup error about playbooks/../.sdnode/keys/sdnode_ed25519.pub, or ssh failing."""
+    missing = tmp_path / "keys" / "sdnode_ed25519"
+    proc = validate(tmp_path, {**GOOD, "ansible_ssh_private_key_file": str(missing)})
+    assert proc.returncode != 0
+    failure = "\n".join(line for line in proc.stdout.splitlines() if "fatal:" in line or "failed:" in line)
+    assert f"No SSH key at {missing}" in failure and "sdnode keys" in failure, proc.stdout[-3000:]
+    missing.parent.mkdir()
+    missing.write_text("a key\n")
+    proc = validate(tmp_path, {**GOOD, "ansible_ssh_private_key_file": str(missing)})
+    assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+def test_the_example_inventory_takes_the_fleet_key_from_the_state_dir(tmp_path: Path) -> None:
+    """The public key's lookup follows SDNODE_STATE_DIR (sdnode_fleet_key), not the playbooks' dir."""
+    base = yaml.safe_load((ROOT / "inventory.example" / "group_vars" / "sdnodes" / "base.yml").read_text())
+    (key,) = base["base_admin_users"][0]["ssh_keys"]
+    assert "sdnode_fleet_key ~ '.pub'" in key and "playbook_dir" not in key
+    defaults = yaml.safe_load((ROOT / "roles" / "sdnode" / "defaults" / "main.yml").read_text())
+    assert defaults["sdnode_fleet_key"] == "{{ sdnode_state_dir }}/keys/sdnode_ed25519"
