@@ -97,6 +97,23 @@ def original(deployed: Deployment, testnodes) -> str:
     assert links(testnodes, deployed.node)[0] == current
 
 
+def test_settings_that_never_get_ready_are_put_back(deployed: Deployment, testnodes, original: str) -> None:
+    """The same release with settings that pass every check but never serve (a CPU node told to use
+    CUDA): the settings that served come back, and the node serves again on them."""
+    node, inv = deployed.node, deployed.inventory
+    # First in the module, so the deploy below builds the live release and changes settings only.
+    assert links(testnodes, node)[0] == original, "a test before this one left another release live"
+    env_before = node_sh(testnodes, node, "cat /etc/sdserve/sdserve.env")
+    links_before = links(testnodes, node)
+    bad = {"sd_service_device": "cuda", "sd_service_ready_timeout": 120}
+    run = ansible_playbook("deploy.yml", inv, extra_vars=bad, label="deploy-cuda-on-cpu")
+    assert run.rc != 0 and "put back the settings that served" in run.output, run.explain()
+    assert "put back release" not in run.output, run.explain()  # the release did not change
+    assert node_sh(testnodes, node, "cat /etc/sdserve/sdserve.env") == env_before
+    assert links(testnodes, node) == links_before
+    assert ready(testnodes, node)
+
+
 def test_second_release_rollback_and_forward(deployed: Deployment, testnodes, original: str) -> None:
     node, inv = deployed.node, deployed.inventory
     wheelhouses = "ls /var/cache/sdnode/wheelhouse"
@@ -143,21 +160,6 @@ def test_release_that_never_gets_ready_leaves_the_previous_serving(
     assert links(testnodes, node) == before
     assert ready(testnodes, node)
     assert manifest_release(testnodes, node) == before[0].split("/")[1]
-
-
-def test_settings_that_never_get_ready_are_put_back(deployed: Deployment, testnodes, original: str) -> None:
-    """The same release with settings that pass every check but never serve (a CPU node told to use
-    CUDA): the settings that served come back, and the node serves again on them."""
-    node, inv = deployed.node, deployed.inventory
-    env_before = node_sh(testnodes, node, "cat /etc/sdserve/sdserve.env")
-    links_before = links(testnodes, node)
-    bad = {"sd_service_device": "cuda", "sd_service_ready_timeout": 120}
-    run = ansible_playbook("deploy.yml", inv, extra_vars=bad, label="deploy-cuda-on-cpu")
-    assert run.rc != 0 and "put back the settings that served" in run.output, run.explain()
-    assert "put back release" not in run.output, run.explain()  # the release did not change
-    assert node_sh(testnodes, node, "cat /etc/sdserve/sdserve.env") == env_before
-    assert links(testnodes, node) == links_before
-    assert ready(testnodes, node)
 
 
 def test_kill_9_is_recovered_by_systemd(deployed: Deployment, testnodes, original: str) -> None:

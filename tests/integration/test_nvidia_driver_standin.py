@@ -87,6 +87,8 @@ def standin(testnodes: Nodes) -> Iterator[StandinNode]:
                     "sdnode_accelerator": "nvidia",
                     # The stand-in repository's branches; 580 stays in it as the newer one the pin keeps out.
                     "nvidia_driver_branch": "570",
+                    # No torch runs on these packages, so the CUDA wheels' floor (580) does not apply.
+                    "sdnode_min_driver_branch": 570,
                     "nvidia_driver_hardware_checks": False,
                     "nvidia_driver_repo_url": f"http://{BRIDGE}:{server.server_address[1]}",
                     "nvidia_driver_fabric_manager": "enabled",
