@@ -463,6 +463,9 @@ def test_an_interrupted_up_leaves_nothing(state: Path, sig: signal.Signals) -> N
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "SDNODE_STATE_DIR": str(state)},
+        # A suite started as a background job of a script inherits SIGINT ignored, and Python then
+        # never raises KeyboardInterrupt: give the child the default, as a terminal's Ctrl-C finds it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         # Interrupt as soon as the node is claimed (boot takes seconds after that).
