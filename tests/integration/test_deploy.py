@@ -131,10 +131,14 @@ def test_second_release_rollback_and_forward(deployed: Deployment, testnodes, or
     assert new != original and previous == original, (new, previous)
     assert ready(testnodes, node) and manifest_release(testnodes, node) == new.split("/")[1]
 
+    # What a newer release leaves behind: a setting the older one does not know, which would stop it
+    # at start-up (sdserve refuses unknown SDSERVE_* variables). Rolling back leaves it out.
+    node_sh(testnodes, node, "echo SDSERVE_FROM_A_NEWER_RELEASE=1 >> /etc/sdserve/sdserve.env")
     back = make_target("rollback", inv, label="rollback")  # as the README shows it
     assert_converged(back)
     assert links(testnodes, node) == (original, new)
     assert ready(testnodes, node) and manifest_release(testnodes, node) == original.split("/")[1]
+    assert "FROM_A_NEWER_RELEASE" not in node_sh(testnodes, node, "cat /etc/sdserve/sdserve.env")
 
     forward = ansible_playbook("rollback.yml", inv, label="rollback-again")
     assert_converged(forward)
