@@ -75,10 +75,10 @@ def standin(testnodes: Nodes) -> Iterator[StandinNode]:
     # The built .debs outlive a clone (CI starts from one): rebuilt only when packages.yml changes.
     node = StandinNode(testnodes, Path(), repo, cache_dir() / "standin-pool")
     node.publish(V1, OTHER_BRANCH)
+    testnodes.up(NODE)  # first: it brings up the bridge the repository server listens on
     server = ThreadingHTTPServer((BRIDGE, 0), partial(_QuietHandler, directory=str(repo)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        testnodes.up(NODE)
         node.inventory = testnodes.inventory(
             STATE / "ci" / "standin",
             [NODE],
