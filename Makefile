@@ -45,8 +45,8 @@ lint: setup ## ansible-lint (production profile), yamllint, ruff
 	@echo "==> lint"
 	$(BIN)/yamllint -s -c ansible/yamllint.yml .
 	$(BIN)/ansible-lint -q -c ansible/ansible-lint.yml playbooks roles
-	$(BIN)/ruff check service scripts tests playbooks
-	$(BIN)/ruff format --check service scripts tests playbooks
+	$(BIN)/ruff check service scripts tests playbooks ansible
+	$(BIN)/ruff format --check service scripts tests playbooks ansible
 
 unit: setup ## the service's suite and the controller-side unit tests
 	@echo "==> unit tests"
