@@ -7,7 +7,16 @@ import shutil
 
 from sdnode.testnode.processes import Log, TestnodeError, require_root, run
 
-HOST_PACKAGES = ("debootstrap", "systemd-container", "nftables", "iproute2", "openssh-client", "rsync")
+# prometheus is for the controller, not the nodes: its promtool checks and tests sd_monitor's rules.
+HOST_PACKAGES = (
+    "debootstrap",
+    "systemd-container",
+    "nftables",
+    "iproute2",
+    "openssh-client",
+    "rsync",
+    "prometheus",
+)
 HOST_TOOLS = {
     "debootstrap": "debootstrap",
     "systemd-nspawn": "systemd-container",
