@@ -38,7 +38,7 @@ $(SETUP_STAMP): $(CONTROLLER_LOCKS) service/pyproject.toml scripts/sdnode/pyproj
 	$(BIN)/python -m pip install --quiet --no-deps -e service -e scripts/sdnode
 	@touch $@
 
-host-setup: setup ## host packages the throwaway nodes need (root)
+host-setup: setup ## host packages the throwaway nodes and promtool need (root)
 	$(BIN)/testnode host-setup
 
 lint: setup ## ansible-lint (production profile), yamllint, ruff
@@ -58,7 +58,7 @@ integration: host-setup ## converge, idempotence and verify on throwaway nodes
 	$(BIN)/testnode gc
 	$(BIN)/pytest -v -m integration tests/integration
 
-test: lint unit integration ## everything CI runs
+test: host-setup lint unit integration ## everything CI runs (host-setup first: the unit phase runs promtool)
 
 test-fast: lint unit ## lint and unit tests only (no nodes)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 from sdnode.testnode.processes import Log, TestnodeError, require_root, run
 
@@ -52,5 +53,8 @@ def host_setup(log: Log = print) -> list[str]:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     run(["apt-get", "update"], env=env, timeout=600)
     run(["apt-get", "install", "-y", "--no-install-recommends", *missing], env=env, timeout=1200)
+    if "prometheus" in missing and Path("/run/systemd/system").is_dir():
+        # Only promtool is wanted; Debian's package also starts a server on :9090.
+        run(["systemctl", "disable", "--now", "prometheus.service"], check=False)
     log(f"installed {', '.join(missing)}")
     return missing
