@@ -87,8 +87,9 @@ def ansible_playbook(
     tags: str | None = None,
     label: str | None = None,
     timeout: int = 1800,
+    strategy: str | None = None,
 ) -> PlaybookRun:
-    """ansible-playbook with the harness's usual options."""
+    """ansible-playbook with the harness's usual options; `strategy` overrides ansible.cfg's."""
     argv = [tool("ansible-playbook"), "-i", str(inventory), str(REPO / "playbooks" / playbook)]
     if limit:
         argv += ["--limit", limit]
@@ -100,18 +101,23 @@ def ansible_playbook(
         argv += ["--tags", tags]
     for key, value in (extra_vars or {}).items():
         argv += ["-e", yaml.safe_dump({key: value}, default_flow_style=True).strip()]
-    return _recorded(argv, label or Path(playbook).stem, timeout)
+    return _recorded(argv, label or Path(playbook).stem, timeout, strategy)
 
 
 def make_target(
-    target: str, inventory: Path, *, label: str | None = None, timeout: int = 1800
+    target: str,
+    inventory: Path,
+    *,
+    label: str | None = None,
+    timeout: int = 1800,
+    strategy: str | None = None,
 ) -> PlaybookRun:
     """`make TARGET INVENTORY=...` exactly as the README shows it, parsed like a playbook run."""
     argv = ["make", "--no-print-directory", target, f"INVENTORY={inventory}"]
-    return _recorded(argv, label or f"make-{target}", timeout)
+    return _recorded(argv, label or f"make-{target}", timeout, strategy)
 
 
-def _recorded(argv: list[str], name: str, timeout: int) -> PlaybookRun:
+def _recorded(argv: list[str], name: str, timeout: int, strategy: str | None = None) -> PlaybookRun:
     """Run from the repo root with the repo's ansible.cfg; keep the log under .sdnode/logs."""
     env = dict(
         os.environ,
@@ -119,6 +125,8 @@ def _recorded(argv: list[str], name: str, timeout: int) -> PlaybookRun:
         ANSIBLE_FORCE_COLOR="0",
         SDNODE_STATE_DIR=str(STATE),
     )
+    if strategy:
+        env["ANSIBLE_STRATEGY"] = strategy
     started = time.monotonic()
     proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     run = PlaybookRun(argv, proc.returncode, proc.stdout + proc.stderr, time.monotonic() - started)
