@@ -99,6 +99,38 @@ def test_url_images_expire_after_the_output_retention(live, tmp_path):
     assert httpx.get(young).status_code == 200
 
 
+@pytest.mark.parametrize("fmt", ["jpeg", "webp"])
+def test_output_format_and_compression(client, fmt):
+    """The image comes back in the format asked, the response says which, the quality follows
+    output_compression, and the parameters travel in EXIF as A1111 writes them."""
+    body = {
+        "prompt": "a boat",
+        "size": SIZE,
+        "response_format": "b64_json",
+        "extra_body": {"seed": 4, "steps": 3},
+    }
+    best = client.images.generate(**body, output_format=fmt)
+    small = client.images.generate(**body, output_format=fmt, output_compression=5)
+    assert best.output_format == fmt and small.output_format == fmt
+    image = decode(best.data[0].b64_json)
+    assert image.format == {"jpeg": "JPEG", "webp": "WEBP"}[fmt] and image.size == (64, 64)
+    comment = image.getexif().get_ifd(0x8769)[0x9286]
+    assert comment.startswith(b"UNICODE\0") and "Seed: 4," in comment[8:].decode("utf-16-be")
+    assert len(small.data[0].b64_json) < len(best.data[0].b64_json)
+    png = client.images.generate(**body)
+    assert png.output_format == "png" and decode(png.data[0].b64_json).format == "PNG"
+
+
+def test_output_format_as_a_url(client):
+    r = client.images.generate(prompt="a tree", size=SIZE, response_format="url", output_format="webp",
+                               extra_body={"steps": 3})  # fmt: skip
+    assert r.data[0].url.endswith(".webp") and r.output_format == "webp"
+    got = httpx.get(r.data[0].url)
+    assert (
+        got.headers["content-type"] == "image/webp" and Image.open(io.BytesIO(got.content)).format == "WEBP"
+    )
+
+
 def test_models_lists_the_loaded_model(client):
     models = client.models.list()
     assert [m.id for m in models.data] == ["tiny-sd"]
@@ -142,6 +174,10 @@ def test_errors_have_openai_shape_and_name_the_field(client):
         ({"prompt": "x", "style": "vivid"}, "style"),
         ({"prompt": "x" * 4001}, "prompt"),
         ({"prompt": "x", "scheduler": "Euler a Karras"}, "scheduler"),
+        ({"prompt": "x", "output_format": "gif"}, "output_format"),
+        ({"prompt": "x", "output_format": "jpeg", "output_compression": 101}, "output_compression"),
+        ({"prompt": "x", "output_format": "webp", "output_compression": -1}, "output_compression"),
+        ({"prompt": "x", "output_compression": 50}, "output_compression"),  # png has no quality
     ],
 )
 def test_validation_422_names_the_field(shared_server, body, param):

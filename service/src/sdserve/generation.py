@@ -1,7 +1,7 @@
 """The one generation flow every front door uses, free of HTTP:
 
     request fields -> GenerationSpec (checked against the settings) -> the engine
-    -> Image (picture, seed, infotext, safety verdict) -> encoded output (PNG, base64, a file)
+    -> Image (picture, seed, infotext, safety verdict) -> encoded output (PNG, JPEG or WebP; base64 or a file)
 
 The OpenAI and A1111 routes and the jobs differ only in how they map their fields to a spec and
 how they shape the response; everything between is here, and testable without FastAPI.
@@ -21,7 +21,7 @@ from typing import Any
 
 from .engine import Engine, GenParams, GenRequest, pick_seed
 from .errors import Cancelled, Problem, TimedOut
-from .images import Infotext, encode_png
+from .images import Infotext, encode, encode_png
 from .schedulers import UnknownScheduler, resolve
 from .settings import Settings
 
@@ -209,15 +209,23 @@ class Generations:
     async def png(self, image: Image) -> bytes:
         return await self._off_loop(encode_png, image.picture, image.infotext)
 
-    async def b64_png(self, image: Image) -> str:
-        return base64.b64encode(await self.png(image)).decode("ascii")
+    async def encode(self, image: Image, fmt: str = "png", quality: int | None = None) -> bytes:
+        return await self._off_loop(encode, image.picture, image.infotext, fmt, quality)
 
-    async def save(self, image: Image, prefix: str = "img", png: bytes | None = None) -> str:
-        """Write the PNG (encoded here unless given) into OUTPUT_DIR under a new random name (the
+    async def b64(self, image: Image, fmt: str = "png", quality: int | None = None) -> str:
+        return base64.b64encode(await self.encode(image, fmt, quality)).decode("ascii")
+
+    async def b64_png(self, image: Image) -> str:
+        return await self.b64(image)
+
+    async def save(
+        self, image: Image, prefix: str = "img", data: bytes | None = None, fmt: str = "png", quality=None
+    ) -> str:
+        """Write the image (encoded here unless given) into OUTPUT_DIR under a new random name (the
         capability a URL carries); returns the name."""
-        name = f"{new_id(prefix)}.png"
-        png = png if png is not None else await self.png(image)
-        await self._off_loop(_write, self.settings.output_dir / name, png)
+        name = f"{new_id(prefix)}.{fmt}"
+        data = data if data is not None else await self.encode(image, fmt, quality)
+        await self._off_loop(_write, self.settings.output_dir / name, data)
         return name
 
     async def _off_loop(self, fn, *args):

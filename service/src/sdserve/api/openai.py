@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..engine import MAX_SEED
 from ..errors import BODY, Problem, responses
 from ..generation import Generations, GenerationSpec, Image, make_spec
-from ..images import expired
+from ..images import MEDIA_TYPES, expired
 from ..service import Service
 from ..settings import parse_size
 from ..validation import RequestModel
@@ -47,7 +47,10 @@ class ImageGenerationRequest(RequestModel):
     quality: Literal["auto", "standard"] | None = Field(
         None, description='Only "auto"/"standard": steps set quality here.'
     )
-    output_format: Literal["png"] | None = None
+    output_format: Literal["png", "jpeg", "webp"] | None = Field(None, description='Omitted: "png".')
+    output_compression: int | None = Field(
+        None, ge=0, le=100, description="JPEG/WebP quality, 0-100 (default 100); not with png."
+    )
     negative_prompt: str | None = None
     seed: int | None = Field(
         None,
@@ -95,6 +98,8 @@ def spec_of(service: Service, body: ImageGenerationRequest) -> GenerationSpec:
             f"response_format: url is off on this server (it needs {s.name('output_dir')}); use b64_json",
             "response_format",
         )
+    if body.output_compression is not None and body.output_format in (None, "png"):
+        raise Problem("output_compression: only for output_format jpeg or webp", "output_compression")
     width, height = parse_size(body.size) if body.size else service.native_size
     return make_spec(
         s,
@@ -117,12 +122,14 @@ async def render(
     """The response body for finished images (the synchronous route's and a job's result)."""
     data = []
     checked = generations.settings.safety_checker
+    fmt, quality = body.output_format or "png", body.output_compression
     for image in images:
         item: dict = {"revised_prompt": body.prompt, "seed": image.seed}
         if body.response_format == "url":
-            item["url"] = f"{base_url}/v1/images/files/{await generations.save(image)}"
+            name = await generations.save(image, fmt=fmt, quality=quality)
+            item["url"] = f"{base_url}/v1/images/files/{name}"
         else:
-            item["b64_json"] = await generations.b64_png(image)
+            item["b64_json"] = await generations.b64(image, fmt, quality)
         if checked:
             item["nsfw"] = image.nsfw
         data.append(item)
@@ -130,7 +137,7 @@ async def render(
     return {
         "created": int(time.time()),
         "data": data,
-        "output_format": "png",
+        "output_format": fmt,
         "size": f"{p.picture.width}x{p.picture.height}" if p else "",
     }
 
@@ -151,13 +158,16 @@ async def generations(
 
 
 # The names Generations.save gives written images; nothing else is ever looked up on disk.
-IMAGE_NAME = re.compile(r"[a-z0-9]{1,16}-[0-9]{1,12}-[0-9a-f]{16}\.png")
+IMAGE_NAME = re.compile(r"[a-z0-9]{1,16}-[0-9]{1,12}-[0-9a-f]{16}\.(png|jpeg|webp)")
 
 
 @router.get(
     "/v1/images/files/{name}",
     response_class=FileResponse,
-    responses={200: {"content": {"image/png": {}}, "description": "The PNG."}, **responses(404)},
+    responses={
+        200: {"content": {t: {} for t in MEDIA_TYPES.values()}, "description": "The image."},
+        **responses(404),
+    },
 )
 async def image_file(name: str, service: ServiceDep):
     """Images written for response_format=url. The random name is the capability (as OpenAI's signed URLs)."""
@@ -168,7 +178,7 @@ async def image_file(name: str, service: ServiceDep):
     # Past the retention it is gone, even before the next sweep removes the file.
     if not path.is_file() or expired(path, service.settings.output_retention_s):
         raise Problem("no such image", "name", status=404, code="not_found")
-    return FileResponse(path, media_type="image/png")
+    return FileResponse(path, media_type=MEDIA_TYPES[path.suffix[1:]])
 
 
 def _model(service: Service) -> dict:
