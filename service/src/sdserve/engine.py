@@ -5,8 +5,10 @@ request whose `future` (a concurrent.futures.Future) resolves to PIL images.
 
 Batching: when the worker is idle, the oldest request starts at once (optionally
 after `batch_wait_ms`; or, right after a batch of several requests, once as many are back
-or `batch_rejoin_ms` has passed); every queued request that agrees on size, steps, guidance,
-scheduler and whether it has a negative prompt joins it, up to `max_batch` images.
+or `batch_rejoin_ms` has passed); every queued request that agrees on its GenParams (size,
+steps, guidance, scheduler, whether it has a negative prompt, the mode and strength) joins it,
+up to `max_batch` images. Image-to-image and inpainting requests each bring their own image
+(and mask); they run on pipelines made from the loaded one's components (`from_pipe`).
 Each image has its own torch.Generator seeded with its own seed, so an image does
 not depend on its batch-mates.
 """
@@ -105,6 +107,15 @@ class GenParams:
     scheduler: SchedulerChoice
     has_negative: bool = False
     eta: float | None = None
+    mode: str = "txt2img"  # or "img2img", "inpaint": which pipeline runs
+    strength: float | None = None  # img2img and inpaint: how far from the input image to go
+
+    @property
+    def denoise_steps(self) -> int:
+        """Steps the pipeline runs: image-to-image skips the first (1 - strength) of them."""
+        if self.strength is None:
+            return self.steps
+        return min(int(self.steps * self.strength), self.steps)
 
 
 @dataclass(eq=False)
@@ -134,6 +145,8 @@ class GenRequest:
     seeds: list[int]
     key_name: str = "-"
     request_id: str = "-"
+    image: Any = None  # img2img and inpaint: the RGB image at the batch's size
+    mask: Any = None  # inpaint: the L mask at the batch's size, white repainted
     future: Future = field(default_factory=Future)  # resolves to list[Generated]
     images: list[Generated | None] = field(default_factory=list)
     taken: int = 0  # images handed to the worker so far
@@ -209,6 +222,7 @@ class Engine:
         self._cond = threading.Condition()
         self._running: list[GenRequest] = []
         self.running: Batch | None = None  # the pipeline call in progress
+        self._pipes: dict[str, Any] = {}  # image-to-image and inpainting pipelines, made on first use
         self.last_batch: Batch | None = None
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -343,9 +357,23 @@ class Engine:
         key_name: str = "-",
         request_id: str = "-",
         key_queue_limit: int | None = None,
+        image: Any = None,
+        mask: Any = None,
     ) -> GenRequest:
-        """Queue a request. `key_queue_limit`: most requests one key may have waiting."""
-        req = GenRequest(params, prompt, negative_prompt, seeds, key_name=key_name, request_id=request_id)
+        """Queue a request. `key_queue_limit`: most requests one key may have waiting. `image` (and
+        `mask`): what params.mode img2img (inpaint) starts from, at params' size."""
+        if (image is None) != (params.mode == "txt2img") or (mask is None) != (params.mode != "inpaint"):
+            raise ValueError(f"mode {params.mode} with image={image is not None}, mask={mask is not None}")
+        req = GenRequest(
+            params,
+            prompt,
+            negative_prompt,
+            seeds,
+            key_name=key_name,
+            request_id=request_id,
+            image=image,
+            mask=mask,
+        )
         with self._cond:
             if self.state == EngineState.DRAINING or self._stop:
                 self.metrics.rejected.labels("draining").inc()
@@ -567,11 +595,25 @@ class Engine:
             with contextlib.suppress(InvalidStateError):
                 req.future.set_exception(err)
 
+    def pipeline(self, mode: str):
+        """The pipeline for a mode: image-to-image and inpainting ones are made once, on the worker,
+        from the loaded pipeline's components (the same objects: no second copy of the weights)."""
+        if mode == "txt2img":
+            return self.model.pipe
+        if mode not in self._pipes:
+            from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+            auto = AutoPipelineForImage2Image if mode == "img2img" else AutoPipelineForInpainting
+            pipe = auto.from_pipe(self.model.pipe)
+            pipe.set_progress_bar_config(disable=True)
+            self._pipes[mode] = pipe
+        return self._pipes[mode]
+
     def _call_pipeline(self, items: list[tuple[GenRequest, int]]):
         import torch
 
-        pipe = self.model.pipe
         p = items[0][0].params
+        pipe = self.pipeline(p.mode)
         reqs = [r for r, _ in items]
         distinct = list({id(r): r for r in reqs}.values())
         # CPU generators: the same seed gives the same noise on every device and batch size.
@@ -588,8 +630,10 @@ class Engine:
         for r in distinct:
             r.batch = batch
 
+        skipped = p.steps - p.denoise_steps  # image-to-image starts part-way: those count as done
+
         def on_step(pipeline, step, timestep, kwargs):
-            batch.step = step + 1
+            batch.step = skipped + step + 1
             if all(r.cancelled for r in distinct):
                 pipeline._interrupt = True  # diffusers pipelines check this each step
             return kwargs
@@ -597,6 +641,12 @@ class Engine:
         kwargs: dict[str, Any] = {}
         if p.eta is not None and p.scheduler.sampler.name == "DDIM":
             kwargs["eta"] = p.eta
+        if p.mode == "txt2img":
+            kwargs.update(width=p.width, height=p.height)
+        else:
+            kwargs.update(image=[r.image for r in reqs], strength=p.strength)
+        if p.mode == "inpaint":
+            kwargs.update(mask_image=[r.mask for r in reqs], width=p.width, height=p.height)
         self.running = batch
         try:
             if self.before_pipeline_call is not None:
@@ -606,8 +656,6 @@ class Engine:
                 out = pipe(
                     prompt=[r.prompt for r in reqs],
                     negative_prompt=[r.negative_prompt for r in reqs] if p.has_negative else None,
-                    width=p.width,
-                    height=p.height,
                     num_inference_steps=p.steps,
                     guidance_scale=p.guidance,
                     generator=generators,

@@ -1,7 +1,8 @@
 """The one generation flow every front door uses, free of HTTP:
 
-    request fields -> GenerationSpec (checked against the settings) -> the engine
-    -> Image (picture, seed, infotext, safety verdict) -> encoded output (PNG, JPEG or WebP; base64 or a file)
+    request fields (and input images, prepared by inputs.py) -> GenerationSpec (checked against
+    the settings) -> the engine -> Image (picture, pasted back into the input when inpainting;
+    seed, infotext, safety verdict) -> encoded output (PNG, JPEG or WebP; base64 or a file)
 
 The OpenAI and A1111 routes and the jobs differ only in how they map their fields to a spec and
 how they shape the response; everything between is here, and testable without FastAPI.
@@ -22,6 +23,7 @@ from typing import Any
 from .engine import Engine, GenParams, GenRequest, pick_seed
 from .errors import Cancelled, Problem, TimedOut
 from .images import Infotext, encode, encode_png
+from .inputs import Source
 from .schedulers import UnknownScheduler, resolve
 from .settings import Settings
 
@@ -40,6 +42,7 @@ class GenerationSpec:
     params: GenParams
     n: int
     seed: int | None = None  # the first image's; image i gets seed + i. None or -1: random
+    source: Source | None = None  # image-to-image and inpainting: the input, at the spec's size
 
 
 def make_spec(
@@ -56,12 +59,17 @@ def make_spec(
     schedule: str | None = None,
     seed: int | None = None,
     eta: float | None = None,
+    source: Source | None = None,
+    strength: float | None = None,
     names: dict[str, str] | None = None,
 ) -> GenerationSpec:
     """A spec from a front door's fields, checked against the settings' limits. A Problem (422) names
     the field at fault in the API's own words: `names` maps prompt, negative_prompt, width, height,
-    n, steps, scheduler, schedule and pixels to them."""
-    f = {k: k for k in ("prompt", "negative_prompt", "width", "height", "n", "steps", "scheduler")}
+    n, steps, scheduler, schedule, pixels and strength to them. With a `source` it is image-to-image
+    (inpainting when the source has a mask), going `strength` (0-1] of the way from the image."""
+    f = {
+        k: k for k in ("prompt", "negative_prompt", "width", "height", "n", "steps", "scheduler", "strength")
+    }
     f.update({"schedule": "scheduler", "pixels": "size", **(names or {})})
     for text, key in ((prompt, "prompt"), (negative_prompt, "negative_prompt")):
         if len(text) > settings.max_prompt_chars:
@@ -100,6 +108,16 @@ def make_spec(
     if eta is not None and choice.sampler.ancestral and eta != 1.0:
         raise Problem(f"eta: {eta} is not supported with {choice.sampler.name}; only 1.0", "eta")
     guidance = settings.default_guidance if guidance is None else guidance
+    mode = "txt2img" if source is None else "img2img" if source.mask is None else "inpaint"
+    if source is not None:
+        strength = 0.75 if strength is None else float(strength)
+        # The pipeline runs int(steps * strength) steps; none would fail it.
+        if not 0 < strength <= 1 or int(steps * strength) < 1:
+            raise Problem(
+                f"{f['strength']}: {strength:g} of {steps} steps runs no step; "
+                "it must be in (0, 1] with steps x strength at least 1",
+                f["strength"],
+            )
     params = GenParams(
         width,
         height,
@@ -108,8 +126,10 @@ def make_spec(
         choice,
         bool(negative_prompt),
         eta if choice.sampler.name == "DDIM" else None,
+        mode,
+        strength if source is not None else None,
     )
-    return GenerationSpec(prompt, negative_prompt, params, n, seed)
+    return GenerationSpec(prompt, negative_prompt, params, n, seed, source)
 
 
 @dataclass
@@ -160,19 +180,26 @@ class Generations:
             key_name=key_name,
             request_id=request_id,
             key_queue_limit=key_limit,
+            image=spec.source.image if spec.source else None,
+            mask=spec.source.mask if spec.source else None,
         )
 
-    def images(self, spec: GenerationSpec, req: GenRequest, generated: list) -> list[Image]:
-        """The engine's results as Images, each with its seed and infotext."""
+    async def images(self, spec: GenerationSpec, req: GenRequest, generated: list) -> list[Image]:
+        """The engine's results as Images, each with its seed and infotext; inpainted ones pasted
+        back into the input, so that outside the mask they are the input's pixels."""
         model = self._model_id()
+        if spec.source is not None and spec.source.overlay is not None:
+            pictures = [await self.off_loop(spec.source.paste_back, g.image) for g in generated]
+        else:
+            pictures = [g.image for g in generated]
         return [
             Image(
-                g.image,
+                picture,
                 seed,
                 str(Infotext(spec.prompt, spec.negative_prompt, spec.params, seed, model)),
                 g.nsfw,
             )
-            for seed, g in zip(req.seeds, generated, strict=True)
+            for seed, g, picture in zip(req.seeds, generated, pictures, strict=True)
         ]
 
     async def wait(self, spec: GenerationSpec, req: GenRequest, gone: Gone | None = None) -> list[Image]:
@@ -190,7 +217,7 @@ class Generations:
             if watcher is not None:
                 watcher.cancel()
         if result in done:
-            return self.images(spec, req, result.result())
+            return await self.images(spec, req, result.result())
         self.engine.cancel(req)
         result.cancel()
         if watcher is not None and watcher in done:
@@ -207,10 +234,10 @@ class Generations:
         return await self.wait(spec, self.submit(spec, key_name, request_id), gone)
 
     async def png(self, image: Image) -> bytes:
-        return await self._off_loop(encode_png, image.picture, image.infotext)
+        return await self.off_loop(encode_png, image.picture, image.infotext)
 
     async def encode(self, image: Image, fmt: str = "png", quality: int | None = None) -> bytes:
-        return await self._off_loop(encode, image.picture, image.infotext, fmt, quality)
+        return await self.off_loop(encode, image.picture, image.infotext, fmt, quality)
 
     async def b64(self, image: Image, fmt: str = "png", quality: int | None = None) -> str:
         return base64.b64encode(await self.encode(image, fmt, quality)).decode("ascii")
@@ -225,10 +252,11 @@ class Generations:
         capability a URL carries); returns the name."""
         name = f"{new_id(prefix)}.{fmt}"
         data = data if data is not None else await self.encode(image, fmt, quality)
-        await self._off_loop(_write, self.settings.output_dir / name, data)
+        await self.off_loop(_write, self.settings.output_dir / name, data)
         return name
 
-    async def _off_loop(self, fn, *args):
+    async def off_loop(self, fn, *args):
+        """Run PIL work (encoding, decoding, pasting) in the image pool, off the event loop."""
         return await asyncio.get_running_loop().run_in_executor(self.png_pool, fn, *args)
 
 

@@ -34,6 +34,7 @@ class Infotext:
             f"CFG scale: {p.guidance:g}",
             f"Seed: {self.seed}",
             f"Size: {p.width}x{p.height}",
+            *([f"Denoising strength: {p.strength:g}"] if p.strength is not None else []),
             f"Model: {self.model}",
             f"Version: sdserve {__version__}",
         ]

@@ -97,7 +97,7 @@ class JobStore:
     async def _finish(self, job: Job, spec: GenerationSpec, render: Render) -> None:
         try:
             generated = await asyncio.wrap_future(job.req.future)
-            job.result = await render(self.generations.images(spec, job.req, generated))
+            job.result = await render(await self.generations.images(spec, job.req, generated))
         except EngineError as e:
             job.error = {
                 "message": e.message,

@@ -1,0 +1,138 @@
+"""Image-to-image and inpainting in the engine, without HTTP: pipelines made from the loaded
+components, batching by mode, per-image seeds, and the mask work around the pipeline."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from conftest import Gate
+from PIL import Image
+from test_engine import engine, loaded, pixels  # noqa: F401  (fixtures)
+
+from sdserve.engine import GenParams
+from sdserve.inputs import binary_mask, crop_region, inpaint_source
+from sdserve.schedulers import resolve
+
+P = GenParams(64, 64, 4, 7.0, resolve("Euler a"))
+I2I = dataclasses.replace(P, mode="img2img", strength=0.5)
+INPAINT = dataclasses.replace(P, mode="inpaint", strength=1.0)
+
+
+def picture(seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+
+
+def square_mask(x1=24, y1=24, x2=40, y2=40) -> Image.Image:
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (x1, y1, x2, y2))
+    return mask
+
+
+def test_pipelines_share_the_loaded_components(engine):  # noqa: F811
+    e = engine()
+    base = e.model.pipe
+    for mode, cls in (
+        ("img2img", "StableDiffusionImg2ImgPipeline"),
+        ("inpaint", "StableDiffusionInpaintPipeline"),
+    ):
+        pipe = e.pipeline(mode)
+        assert type(pipe).__name__ == cls and e.pipeline(mode) is pipe
+        for name in ("unet", "vae", "text_encoder", "tokenizer"):
+            assert getattr(pipe, name) is getattr(base, name), name
+
+
+def test_img2img_follows_the_image_and_the_seed(engine):  # noqa: F811
+    e = engine()
+    a, b = picture(1), picture(2)
+    one = e.submit(I2I, "x", "", [5], image=a).future.result(60)[0].image
+    again = e.submit(I2I, "x", "", [5], image=a).future.result(60)[0].image
+    other_image = e.submit(I2I, "x", "", [5], image=b).future.result(60)[0].image
+    other_seed = e.submit(I2I, "x", "", [6], image=a).future.result(60)[0].image
+    assert one.tobytes() == again.tobytes()
+    assert one.tobytes() != other_image.tobytes() and one.tobytes() != other_seed.tobytes()
+    # Strength 0.5 keeps much of the input: closer to it than to the other input.
+    assert np.abs(pixels(one) - pixels(a)).mean() < np.abs(pixels(one) - pixels(b)).mean()
+
+
+def test_img2img_requests_batch_together_but_not_with_txt2img(engine):  # noqa: F811
+    """Compatible img2img requests share a batch, each with its own image and seeds; txt2img, another
+    strength and inpainting at the same strength each run apart."""
+    gate = Gate()
+    e = engine(gate=gate)
+    blocker = e.submit(P, "blocker", "", [0])
+    assert gate.entered.wait(30)
+    first = e.submit(I2I, "x", "", [7], image=picture(1))
+    text = e.submit(P, "y", "", [8])
+    second = e.submit(I2I, "z", "", [9, 10], image=picture(2))
+    stronger = e.submit(dataclasses.replace(I2I, strength=0.75), "z", "", [11], image=picture(2))
+    src = inpaint_source(picture(3), square_mask(), 64, 64)
+    inpaint = e.submit(
+        dataclasses.replace(INPAINT, strength=0.5), "z", "", [12], image=src.image, mask=src.mask
+    )
+    gate.open()
+    for r in (blocker, first, text, second, stronger, inpaint):
+        r.future.result(60)
+    assert gate.calls == [1, 3, 1, 1, 1], gate.calls
+    for req, image in ((first, picture(1)), (second, picture(2))):
+        alone = e.submit(I2I, req.prompt, "", req.seeds, image=image).future.result(60)
+        for a, b in zip(alone, req.future.result(), strict=True):
+            assert np.abs(pixels(a.image) - pixels(b.image)).mean() < 1
+
+
+def test_inpainting_runs_and_progress_counts_skipped_steps(engine):  # noqa: F811
+    e = engine()
+    src = inpaint_source(picture(3), square_mask(), 64, 64, blur=0)
+    out = e.submit(INPAINT, "x", "", [1, 2], image=src.image, mask=src.mask).future.result(60)
+    assert [o.image.size for o in out] == [(64, 64), (64, 64)]
+    req = e.submit(I2I, "x", "", [1], image=picture(1))
+    req.future.result(60)
+    assert e.last_batch.step == I2I.steps  # 2 run of 4, the 2 skipped count as done
+
+
+def test_mode_needs_its_inputs(engine):  # noqa: F811
+    e = engine()
+    with pytest.raises(ValueError):
+        e.submit(I2I, "x", "", [1])
+    with pytest.raises(ValueError):
+        e.submit(INPAINT, "x", "", [1], image=picture())
+    with pytest.raises(ValueError):
+        e.submit(P, "x", "", [1], image=picture())
+
+
+@pytest.mark.parametrize("blur", [0, 4])
+def test_paste_back_keeps_the_original_outside_the_mask(blur):
+    original = picture(4)
+    src = inpaint_source(original, square_mask(), 64, 64, blur=blur)
+    new = src.paste_back(Image.new("RGB", (64, 64), (1, 2, 3)))
+    got, orig = np.asarray(new), np.asarray(original)
+    assert (got[24:40, 24:40] == (1, 2, 3)).all() if blur == 0 else (got[30:34, 30:34] == (1, 2, 3)).all()
+    far = np.ones((64, 64), bool)
+    reach = 0 if blur == 0 else 3 * blur  # a Gaussian's reach in PIL's box approximation
+    far[24 - reach : 40 + reach, 24 - reach : 40 + reach] = False
+    assert (got[far] == orig[far]).all()
+    assert blur == 0 or (got[~far] != orig[~far]).any()
+
+
+def test_only_masked_crops_around_the_mask_and_pastes_into_the_original():
+    original = Image.fromarray(np.random.default_rng(5).integers(0, 255, (96, 128, 3), dtype=np.uint8))
+    mask = Image.new("L", (128, 96), 0)
+    mask.paste(255, (100, 10, 110, 30))
+    assert crop_region(mask, 0, 64, 64) == (95, 10, 115, 30)  # grown to a square around the mask
+    assert crop_region(mask, 8, 64, 64) == (87, 2, 123, 38)  # padded, then squared
+    src = inpaint_source(original, mask, 64, 64, blur=0, only_masked=True)
+    assert src.image.size == (64, 64) and src.crop == (95, 10, 115, 30)
+    new = np.asarray(src.paste_back(Image.new("RGB", (64, 64), (9, 9, 9))))
+    assert new.shape == (96, 128, 3) and (new[10:30, 100:110] == 9).all()
+    outside = np.asarray(mask) == 0
+    assert (new[outside] == np.asarray(original)[outside]).all()
+
+
+def test_masks_from_alpha_brightness_and_inverted():
+    rgba = Image.new("RGBA", (8, 8), (0, 0, 0, 255))
+    rgba.putpixel((1, 1), (0, 0, 0, 0))
+    assert binary_mask(rgba).getpixel((1, 1)) == 0 and binary_mask(rgba).getpixel((0, 0)) == 255
+    grey = Image.new("L", (8, 8), 200)
+    assert binary_mask(grey).getpixel((0, 0)) == 255 and binary_mask(grey, invert=True).getpixel((0, 0)) == 0
