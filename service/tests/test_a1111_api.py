@@ -173,3 +173,145 @@ def test_progress_during_a_generation(a1111):
             assert f.result().status_code == 200
     finally:
         engine.before_pipeline_call = None
+
+
+# img2img and inpainting ------------------------------------------------------------------------------------
+def noise(seed: int, size=(64, 64)):
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(
+        np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    )
+
+
+def square(size=(64, 64), box=(24, 24, 40, 40)):
+    from PIL import Image
+
+    mask = Image.new("L", size, 0)
+    mask.paste(255, box)
+    return mask
+
+
+def outside(reach: int, size=(64, 64), box=(24, 24, 40, 40)):
+    """Pixels farther than `reach` from the mask's square."""
+    import numpy as np
+
+    far = np.ones((size[1], size[0]), bool)
+    far[box[1] - reach : box[3] + reach, box[0] - reach : box[2] + reach] = False
+    return far
+
+
+def test_img2img_with_webuiapi(api):
+    import numpy as np
+
+    source = noise(1)
+    args = {"prompt": "a castle", "seed": 77, "width": 64, "height": 64, "cfg_scale": 6}
+    a = api.img2img(images=[source], **args)
+    b = api.img2img(images=[source], **args)
+    other = api.img2img(images=[noise(2)], **args)
+    assert a.images[0].size == (64, 64) and a.info["all_seeds"] == [77]
+    assert a.images[0].tobytes() == b.images[0].tobytes() != other.images[0].tobytes()
+    assert a.info["denoising_strength"] == 0.75 and "Denoising strength: 0.75" in a.info["infotexts"][0]
+    # Close to its input: nearer to it than to the other input.
+    px = [np.asarray(im, dtype=float) for im in (a.images[0], source, noise(2))]
+    assert np.abs(px[0] - px[1]).mean() < np.abs(px[0] - px[2]).mean()
+    batch = api.img2img(images=[source], batch_size=2, n_iter=2, **args)
+    assert len(batch.images) == 4 and batch.info["all_seeds"] == [77, 78, 79, 80]
+    # Per-image seeds: equal within rounding whatever the batch size.
+    assert np.abs(np.asarray(batch.images[0], dtype=float) - px[0]).mean() < 1
+
+
+def test_inpainting_with_webuiapi_keeps_the_original_outside_the_mask(api):
+    """webuiapi's defaults: only masked (inpaint_full_res), fill, mask_blur 4. Pixels beyond the
+    blurred mask's reach are the original's, byte for byte; the masked square is new."""
+    import numpy as np
+
+    source = noise(3)
+    result = api.img2img(images=[source], mask_image=square(), prompt="a door", seed=5, width=64, height=64,
+                         denoising_strength=1.0)  # fmt: skip
+    got, orig = np.asarray(result.images[0]), np.asarray(source)
+    assert got.shape == orig.shape
+    far = outside(3 * 4)
+    assert (got[far] == orig[far]).all()
+    assert (got[28:36, 28:36] != orig[28:36, 28:36]).any()
+
+
+@pytest.mark.parametrize("invert", [0, 1])
+def test_inpainting_whole_picture_no_blur_is_exact_at_the_mask_edge(api, invert):
+    import numpy as np
+
+    source = noise(4)
+    result = api.img2img(images=[source], mask_image=square(), prompt="a door", seed=5, width=64, height=64,
+                         inpaint_full_res=False, mask_blur=0, inpainting_fill=1, denoising_strength=1.0,
+                         inpainting_mask_invert=invert)  # fmt: skip
+    got, orig = np.asarray(result.images[0]), np.asarray(source)
+    kept = outside(0) if not invert else ~outside(0)
+    assert (got[kept] == orig[kept]).all()
+    assert (got[~kept] != orig[~kept]).any()
+
+
+def test_img2img_bodies_may_carry_images_above_the_json_limit(a1111):
+    """A 720x720 noise PNG is about 2 MB in base64: above MAX_BODY_BYTES (1 MiB), within the image limit."""
+    import io
+
+    buf = io.BytesIO()
+    noise(6, (720, 720)).save(buf, format="PNG")
+    b64 = base64.b64encode(buf.getvalue()).decode()
+    assert len(b64) > 1024 * 1024
+    body = {"init_images": [b64], "prompt": "x", "width": 64, "height": 64, "steps": 2}
+    r = httpx.post(a1111.url + "/sdapi/v1/img2img", json=body, headers=auth(), timeout=60)
+    assert r.status_code == 200, r.text
+    assert httpx.post(a1111.url + "/sdapi/v1/txt2img", json=body, headers=auth()).status_code == 413
+
+
+def _b64(image, fmt="PNG") -> str:
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"init_images": ["not base64!"]}, "init_images.0"),
+        ({"init_images": [base64.b64encode(b"hello, not an image").decode()]}, "init_images.0"),
+        ({"init_images": ["data:image/png;base64,"]}, "init_images.0"),
+        ({"init_images": "gif"}, "init_images.0"),
+        ({"init_images": "truncated"}, "init_images.0"),
+        ({"init_images": "huge"}, "init_images.0"),  # above the pixel budget, a few KB of PNG
+        ({"init_images": []}, "init_images"),
+        ({"init_images": "two"}, "init_images"),
+        ({"mask": "small"}, "mask"),
+        ({"mask": "not base64!"}, "mask"),
+        ({"resize_mode": 2}, "resize_mode"),
+        ({"inpainting_fill": 2}, "inpainting_fill"),
+        ({"denoising_strength": 0}, "denoising_strength"),
+        ({"denoising_strength": 0.1}, "denoising_strength"),  # 2 steps x 0.1: no step would run
+        ({"latent_mask": "x"}, "latent_mask"),
+        ({"initial_noise_multiplier": 0.5}, "initial_noise_multiplier"),
+        ({"mask_blur": -1}, "mask_blur"),
+        ({"width": 100}, "width"),
+        ({"enable_hr": True}, "enable_hr"),
+    ],
+)
+def test_img2img_validation(a1111, extra, param):
+    from PIL import Image
+
+    good = _b64(noise(1))
+    made = {
+        "gif": [_b64(noise(1), "GIF")],
+        "truncated": [base64.b64encode(base64.b64decode(good)[:200]).decode()],
+        "huge": [_b64(Image.new("RGB", (2100, 2100)))],
+        "two": [good, good],
+        "small": _b64(square((32, 32), (8, 8, 16, 16))),
+    }
+    body = {"init_images": [good], "prompt": "x", "width": 64, "height": 64, "steps": 2, **extra}
+    for key, value in body.items():
+        if isinstance(value, str) and value in made:
+            body[key] = made[value]
+    r = httpx.post(a1111.url + "/sdapi/v1/img2img", json=body, headers=auth(), timeout=60)
+    assert r.status_code == 422, r.text
+    assert r.json()["param"] == param and r.json()["detail"], r.json()

@@ -59,6 +59,7 @@ class BodyTimeout(StarletteHTTPException):
         )
 
 
+IMAGE_ROUTES = frozenset({"/sdapi/v1/img2img", "/sdapi/v1/png-info", "/v1/images/edits"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -79,7 +80,9 @@ class RequestContext:
         rid = rid if _REQUEST_ID.match(rid) else uuid.uuid4().hex
         token = request_id_var.set(rid)
         scope.setdefault("state", {})["request_id"] = rid
-        limit = service.settings.max_body_bytes
+        # Routes that carry images (base64 or multipart) have their own, larger limit.
+        setting = "max_image_body_bytes" if scope["path"] in IMAGE_ROUTES else "max_body_bytes"
+        limit = getattr(service.settings, setting)
         read_timeout = service.settings.read_timeout_s
         status = {"code": 500}
         start = time.perf_counter()
@@ -91,7 +94,7 @@ class RequestContext:
                 413,
                 error_body(
                     scope["path"],
-                    BodyTooLarge(limit, service.settings.name("max_body_bytes")).detail,
+                    BodyTooLarge(limit, service.settings.name(setting)).detail,
                     None,
                     "request_too_large",
                     413,
@@ -119,7 +122,7 @@ class RequestContext:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise BodyTooLarge(limit, service.settings.name("max_body_bytes"))
+                    raise BodyTooLarge(limit, service.settings.name(setting))
                 body_done = not message.get("more_body", False)
             else:
                 body_done = True
@@ -317,7 +320,10 @@ def create_app(settings: Settings, *, start_engine: bool = True) -> FastAPI:
                 get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes),
                 settings,
                 service.model_id,
-                a1111.AT_DEFAULT,
+                {
+                    "Txt2ImgRequest": a1111.AT_DEFAULT,
+                    "Img2ImgRequest": {**a1111.AT_DEFAULT, **a1111.IMG2IMG_AT_DEFAULT},
+                },
                 a1111.current_options(service),
             )
         return app.openapi_schema

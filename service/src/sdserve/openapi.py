@@ -38,11 +38,11 @@ def describe(
     doc: dict[str, Any],
     settings: Settings,
     model_id: str,
-    at_default: dict[str, tuple],
+    at_default: dict[str, dict[str, tuple]],
     options: dict[str, Any],
 ) -> dict:
     """`doc` as FastAPI made it, completed for these settings; `at_default` are A1111's fields
-    accepted only at their defaults, `options` the A1111 options in force."""
+    accepted only at their defaults, by request schema, `options` the A1111 options in force."""
     schemas = doc["components"]["schemas"]
     title = options["sd_model_checkpoint"]
 
@@ -58,37 +58,38 @@ def describe(
     if settings.output_dir is None:
         openai["response_format"]["enum"] = ["b64_json"]
 
-    a1111 = schemas["Txt2ImgRequest"]
-    props = a1111["properties"]
-    for name in ("width", "height"):
-        _set(props[name], minimum=64, maximum=settings.max_side, multipleOf=8)
-    for name in ("batch_size", "n_iter"):
-        _set(props[name], maximum=settings.max_images)
-    _set(props["steps"], maximum=settings.max_steps)
-    for name in ("prompt", "negative_prompt"):
-        _set(props[name], maxLength=settings.max_prompt_chars)
-    for name in ("sampler_name", "sampler_index"):
-        _set(props[name], enum=_sampler_names())
-    _set(props["scheduler"], enum=_schedule_names())
-    for name, allowed in at_default.items():
-        props[name] = {**props[name], "enum": list(allowed)}
-        props[name].pop("anyOf", None)
-        props[name].pop("type", None)
-    props["enable_hr"]["enum"] = [False]
-    if settings.output_dir is None:
-        props["save_images"]["enum"] = [False]
-    props["override_settings"] = {
-        "type": "object",
-        "description": "Only the settings this instance runs with: one model, PNG, CLIP skip 1.",
-        "properties": {
-            "sd_model_checkpoint": {"enum": [model_id, title]},
-            "CLIP_stop_at_last_layers": {"const": 1},
-            "samples_format": {"const": "png"},
-        },
-        "additionalProperties": False,
-    }
-    # Other A1111 fields (extensions' ones) are accepted only empty.
-    a1111["additionalProperties"] = {"enum": _EMPTY}
+    for schema, accepted in at_default.items():
+        a1111 = schemas[schema]
+        props = a1111["properties"]
+        for name in ("width", "height"):
+            _set(props[name], minimum=64, maximum=settings.max_side, multipleOf=8)
+        for name in ("batch_size", "n_iter"):
+            _set(props[name], maximum=settings.max_images)
+        _set(props["steps"], maximum=settings.max_steps)
+        for name in ("prompt", "negative_prompt"):
+            _set(props[name], maxLength=settings.max_prompt_chars)
+        for name in ("sampler_name", "sampler_index"):
+            _set(props[name], enum=_sampler_names())
+        _set(props["scheduler"], enum=_schedule_names())
+        for field, allowed in accepted.items():
+            props[field] = {**props[field], "enum": list(allowed)}
+            props[field].pop("anyOf", None)
+            props[field].pop("type", None)
+        props["enable_hr"]["enum"] = [False]
+        if settings.output_dir is None:
+            props["save_images"]["enum"] = [False]
+        props["override_settings"] = {
+            "type": "object",
+            "description": "Only the settings this instance runs with: one model, PNG, CLIP skip 1.",
+            "properties": {
+                "sd_model_checkpoint": {"enum": [model_id, title]},
+                "CLIP_stop_at_last_layers": {"const": 1},
+                "samples_format": {"const": "png"},
+            },
+            "additionalProperties": False,
+        }
+        # Other A1111 fields (extensions' ones) are accepted only empty.
+        a1111["additionalProperties"] = {"enum": _EMPTY}
 
     # POST /sdapi/v1/options takes only the options in force (a no-op, as clients send it).
     doc["paths"]["/sdapi/v1/options"]["post"]["requestBody"]["content"]["application/json"]["schema"] = {

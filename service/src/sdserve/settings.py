@@ -159,6 +159,11 @@ class Settings(BaseSettings):
     max_steps: int = Field(150, ge=1)
     max_prompt_chars: int = Field(4000, ge=1)
     max_body_bytes: int = Field(1024 * 1024, ge=1024, description="Larger request bodies answer 413.")
+    max_image_body_bytes: int = Field(
+        32 * 1024 * 1024,
+        ge=1024,
+        description="Larger bodies of the routes that carry images (img2img, edits, png-info) answer 413.",
+    )
     default_steps: int = Field(25, ge=1)
     default_scheduler: str = Field(
         "DPM++ 2M Karras", description="Sampler and schedule type for requests that name none."

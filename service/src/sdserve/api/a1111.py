@@ -1,4 +1,5 @@
-"""AUTOMATIC1111-compatible API: POST /sdapi/v1/txt2img and the discovery routes clients call.
+"""AUTOMATIC1111-compatible API: POST /sdapi/v1/txt2img, /img2img (inpainting with a mask) and the
+discovery routes clients call.
 
 Clients such as `webuiapi` send every A1111 field with its default. Each field is
 honoured, accepted at its default (or ignored where A1111 ignores it, e.g. the
@@ -20,6 +21,7 @@ from .. import __version__
 from ..engine import MAX_SEED
 from ..errors import BODY, Problem, responses
 from ..generation import GenerationSpec, make_spec
+from ..inputs import b64_bytes, binary_mask, img2img_source, inpaint_source, open_image
 from ..schedulers import SAMPLERS, SCHEDULES
 from ..service import Service
 from ..validation import RequestModel, check_texts
@@ -189,11 +191,120 @@ def spec_of(service: Service, body: Txt2ImgRequest) -> GenerationSpec:
     )
 
 
+class Img2ImgRequest(Txt2ImgRequest):
+    """A1111's img2img: txt2img's fields plus the input image and, for inpainting, its mask."""
+
+    init_images: list[str] = Field(
+        min_length=1, max_length=1, description="One base64 PNG, JPEG or WebP image (a data: URL too)."
+    )
+    denoising_strength: float = Field(0.75, ge=0, le=1, description="How far from the image to go.")
+    resize_mode: int = Field(0, ge=0, le=3, description="0 just resize, 1 crop and resize; 2 and 3 refused.")
+    image_cfg_scale: float | None = Field(
+        None, description="Ignored, as A1111 ignores it but for pix2pix models."
+    )
+    mask: str | None = Field(None, description="Base64 mask, the image's size: white (or opaque) repaints.")
+    mask_blur: int = Field(4, ge=0, le=64, description="Gaussian blur of the mask's edge, in pixels.")
+    inpainting_fill: int = Field(0, ge=0, le=3, description="0 fill, 1 original; 2 and 3 (latent) refused.")
+    inpaint_full_res: bool = Field(True, description="Only masked: inpaint a crop around the mask.")
+    inpaint_full_res_padding: int = Field(0, ge=0, le=256)
+    inpainting_mask_invert: int = Field(0, ge=0, le=1, description="1: repaint where the mask is black.")
+    # Accepted only at their defaults (IMG2IMG_AT_DEFAULT).
+    mask_blur_x: int | None = None
+    mask_blur_y: int | None = None
+    mask_round: bool | None = None
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+
+
+IMG2IMG_AT_DEFAULT: dict[str, tuple] = {
+    "mask_blur_x": (None, 4),
+    "mask_blur_y": (None, 4),
+    "mask_round": (None, True),
+    "initial_noise_multiplier": (None, 1),
+    "latent_mask": (None, ""),
+    "include_init_images": (None, False),
+    "resize_mode": (0, 1),
+    "inpainting_fill": (0, 1),
+}
+
+
+async def img2img_spec(service: Service, body: Img2ImgRequest) -> GenerationSpec:
+    """The request, its image decoded and prepared, as a spec; a Problem names the field at fault."""
+    for name, allowed in IMG2IMG_AT_DEFAULT.items():
+        if getattr(body, name) not in allowed:
+            supported = ", ".join(repr(a) for a in allowed if a is not None)
+            raise Problem(f"{name}: {getattr(body, name)!r} is not supported here (only {supported})", name)
+    spec = spec_of(service, body)  # every other field checked before any image is decoded
+    p, limit = spec.params, service.settings.max_pixels
+
+    def prepare():
+        image = open_image(b64_bytes(body.init_images[0], "init_images.0"), "init_images.0", limit)
+        if not body.mask:
+            return img2img_source(image, p.width, p.height, body.resize_mode)
+        mask = open_image(b64_bytes(body.mask, "mask"), "mask", limit)
+        if mask.size != image.size:
+            raise Problem(
+                f"mask: {mask.width}x{mask.height}, but the image is {image.width}x{image.height}", "mask"
+            )
+        return inpaint_source(
+            image,
+            binary_mask(mask, invert=bool(body.inpainting_mask_invert)),
+            p.width,
+            p.height,
+            resize_mode=body.resize_mode,
+            blur=body.mask_blur,
+            fill_masked=body.inpainting_fill == 0,
+            only_masked=body.inpaint_full_res,
+            padding=body.inpaint_full_res_padding,
+        )
+
+    source = await service.generations.off_loop(prepare)
+    return make_spec(
+        service.settings,
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        width=p.width,
+        height=p.height,
+        n=spec.n,
+        steps=p.steps,
+        guidance=body.cfg_scale,
+        sampler=body.sampler_name or body.sampler_index,
+        schedule=body.scheduler,
+        seed=body.seed,
+        eta=body.eta,
+        source=source,
+        strength=body.denoising_strength,
+        names={"strength": "denoising_strength"},
+    )
+
+
 @router.post("/txt2img", responses=responses(*BODY, 401, 429, 500, 503, 504, a1111=True))
 async def txt2img(
     body: Txt2ImgRequest, service: ServiceDep, key_name: KeyName, request_id: RequestId, request: Request
 ):
     spec = spec_of(service, body)
+    return await answer(service, body, spec, key_name, request_id, request)
+
+
+@router.post("/img2img", responses=responses(*BODY, 401, 429, 500, 503, 504, a1111=True))
+async def img2img(
+    body: Img2ImgRequest, service: ServiceDep, key_name: KeyName, request_id: RequestId, request: Request
+):
+    """Image-to-image, or inpainting with `mask`: outside the (blurred) mask the result keeps the
+    input's pixels, as A1111 pastes it back."""
+    spec = await img2img_spec(service, body)
+    return await answer(service, body, spec, key_name, request_id, request)
+
+
+async def answer(
+    service: Service,
+    body: Txt2ImgRequest,
+    spec: GenerationSpec,
+    key_name: str,
+    request_id: str,
+    request: Request,
+) -> dict:
+    """Run the spec; A1111's response body: the images, the parameters as run, the info."""
     generations = service.generations
     images = await generations.run(spec, key_name, request_id, partial(client_gone, request))
     pngs = [await generations.png(image) for image in images]
@@ -224,7 +335,7 @@ async def txt2img(
         "sd_model_hash": service.settings.model_revision or None,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": None,
+        "denoising_strength": p.strength,
         "extra_generation_params": {"Schedule type": p.scheduler.schedule.label},
         "index_of_first_image": 0,
         "infotexts": [image.infotext for image in images],
@@ -238,7 +349,7 @@ async def txt2img(
         info["nsfw_content_detected"] = [image.nsfw for image in images]
     # The request as it ran: declared fields only (extras are empty or refused), the resolved
     # sampler and schedule type under the same names as in info.
-    parameters = body.model_dump(exclude=set(body.model_extra or ()))
+    parameters = body.model_dump(exclude={*(body.model_extra or ()), "init_images", "mask"})
     parameters.update(
         steps=p.steps,
         sampler_name=p.scheduler.sampler.name,
@@ -322,7 +433,7 @@ async def progress(service: ServiceDep, key_name: KeyName):
             "skipped": False,
             "interrupted": False,
             "stopping_generation": False,
-            "job": "txt2img" if batch else "",
+            "job": ("txt2img" if batch.params.mode == "txt2img" else "img2img") if batch else "",
             "job_count": engine.queue_depth + (1 if engine.busy else 0),
             "job_timestamp": time.strftime("%Y%m%d%H%M%S", time.localtime(batch.started if batch else None)),
             "job_no": 0,
