@@ -1,4 +1,5 @@
-"""OpenAI Images API: POST /v1/images/generations, GET /v1/models, and the files url results name."""
+"""OpenAI Images API: POST /v1/images/generations, POST /v1/images/edits (multipart: an image and
+an optional mask), GET /v1/models, and the files url results name."""
 
 from __future__ import annotations
 
@@ -9,16 +10,18 @@ from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..engine import MAX_SEED
 from ..errors import BODY, Problem, responses
 from ..generation import Generations, GenerationSpec, Image, make_spec
 from ..images import MEDIA_TYPES, expired
+from ..inputs import Source, has_alpha, img2img_source, inpaint_source, open_image, transparent_mask
 from ..service import Service
 from ..settings import parse_size
 from ..validation import RequestModel
 from .deps import KeyName, PublicBase, RequestId, ServiceDep, client_gone
+from .forms import Form, Part
 
 router = APIRouter(tags=["openai"])
 
@@ -83,8 +86,27 @@ class ImagesResponse(BaseModel):
     size: str
 
 
-def spec_of(service: Service, body: ImageGenerationRequest) -> GenerationSpec:
-    """The request as a generation spec; a Problem names the field at fault."""
+class ImageEditRequest(ImageGenerationRequest):
+    """The text fields of an edit (multipart, so numbers arrive as text); `image` and `mask` are files."""
+
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+    strength: float | None = Field(
+        None, gt=0, le=1, description="How far from the image to go; default 1 with a mask, else 0.75."
+    )
+    stream: Literal[False] = Field(False, description="Streaming is not supported yet.")
+
+
+def spec_of(
+    service: Service,
+    body: ImageGenerationRequest,
+    *,
+    size: tuple[int, int] | None = None,
+    source: Source | None = None,
+    strength: float | None = None,
+) -> GenerationSpec:
+    """The request as a generation spec; a Problem names the field at fault. `size`: the default
+    when the body gives none (else the model's native size); `source`: an edit's input."""
     s = service.settings
     if body.model is not None and body.model != service.model_id:
         raise Problem(
@@ -100,7 +122,7 @@ def spec_of(service: Service, body: ImageGenerationRequest) -> GenerationSpec:
         )
     if body.output_compression is not None and body.output_format in (None, "png"):
         raise Problem("output_compression: only for output_format jpeg or webp", "output_compression")
-    width, height = parse_size(body.size) if body.size else service.native_size
+    width, height = parse_size(body.size) if body.size else size or service.native_size
     return make_spec(
         s,
         prompt=body.prompt,
@@ -112,6 +134,8 @@ def spec_of(service: Service, body: ImageGenerationRequest) -> GenerationSpec:
         guidance=body.guidance_scale,
         sampler=body.scheduler,
         seed=body.seed,
+        source=source,
+        strength=strength,
         names={"width": "size", "height": "size", "pixels": "n"},
     )
 
@@ -155,6 +179,97 @@ async def generations(
     spec = spec_of(service, body)
     images = await service.generations.run(spec, key_name, request_id, partial(client_gone, request))
     return await render(service.generations, base_url, body, images)
+
+
+EDIT_SCHEMA = {
+    "type": "object",
+    "required": ["image", "prompt"],
+    "properties": {
+        "image": {"type": "string", "format": "binary", "description": "A PNG, JPEG or WebP image."},
+        "mask": {
+            "type": "string",
+            "format": "binary",
+            "description": "A PNG the image's size: fully transparent pixels are edited. Omitted: the "
+            "image's own transparent pixels, or, with none, the whole image (image-to-image).",
+        },
+        **{k: v for k, v in ImageEditRequest.model_json_schema()["properties"].items() if k != "stream"},
+    },
+}
+
+
+def _edit_body(form: list[Part]) -> tuple[ImageEditRequest, bytes, bytes | None]:
+    """An edit's fields, image and mask from its form; a Problem names the field at fault."""
+    fields: dict[str, str] = {}
+    files: dict[str, bytes] = {}
+    for part in form:
+        name = "image" if part.name == "image[]" else part.name
+        if name in fields or name in files:
+            raise Problem(f"{name}: given more than once (one image per edit)", name)
+        if name in ("image", "mask"):
+            files[name] = part.data
+            continue
+        try:
+            fields[name] = part.data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise Problem(f"{name}: not UTF-8 text", name) from e
+    try:
+        body = ImageEditRequest.model_validate(fields)
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(str(x) for x in first["loc"]) or None
+        raise Problem(f"{param}: {first['msg']}" if param else first["msg"], param) from None
+    if "image" not in files:
+        raise Problem("image: required", "image")
+    return body, files["image"], files.get("mask")
+
+
+@router.post(
+    "/v1/images/edits",
+    response_model=ImagesResponse,
+    response_model_exclude_none=True,
+    responses=responses(*BODY, 401, 404, 429, 500, 503, 504),
+    openapi_extra={
+        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": EDIT_SCHEMA}}}
+    },
+)
+async def edits(
+    form: Form, service: ServiceDep, key_name: KeyName, request_id: RequestId, base_url: PublicBase,
+    request: Request,
+):  # fmt: skip
+    """Edit an image where its mask is transparent (inpainting: every other pixel is the image's),
+    or, without a mask or transparency, as a whole (image-to-image)."""
+    body, image_data, mask_data = _edit_body(form)
+    limit, generations = service.settings.max_pixels, service.generations
+
+    def decode():
+        image = open_image(image_data, "image", limit)
+        if mask_data is not None:
+            mask = open_image(mask_data, "mask", limit)
+            if mask.size != image.size:
+                raise Problem(
+                    f"mask: {mask.width}x{mask.height}, but the image is {image.width}x{image.height}", "mask"
+                )
+            return image, transparent_mask(mask)
+        return image, transparent_mask(image) if has_alpha(image) else None
+
+    image, mask = await generations.off_loop(decode)
+    if mask is not None and mask.getbbox() is None:
+        raise Problem(
+            "mask: no fully transparent pixel, so nothing to edit", "mask" if mask_data else "image"
+        )
+    spec = spec_of(service, body, size=(image.width // 8 * 8, image.height // 8 * 8))  # checks all fields
+    w, h = spec.params.width, spec.params.height
+    if mask is None:
+        source = await generations.off_loop(img2img_source, image, w, h)
+    else:
+        # The blur softens the edge inside the mask only: nothing outside it changes.
+        source = await generations.off_loop(
+            partial(inpaint_source, image, mask, w, h, fill_masked=True, inside_only=True)
+        )
+    strength = body.strength if body.strength is not None else 1.0 if mask is not None else 0.75
+    spec = spec_of(service, body, size=(w, h), source=source, strength=strength)
+    images = await generations.run(spec, key_name, request_id, partial(client_gone, request))
+    return await render(generations, base_url, body, images)
 
 
 # The names Generations.save gives written images; nothing else is ever looked up on disk.
