@@ -315,3 +315,86 @@ def test_img2img_validation(a1111, extra, param):
     r = httpx.post(a1111.url + "/sdapi/v1/img2img", json=body, headers=auth(), timeout=60)
     assert r.status_code == 422, r.text
     assert r.json()["param"] == param and r.json()["detail"], r.json()
+
+
+# png-info, interrupt, skip ---------------------------------------------------------------------------------
+def test_png_info_reads_back_what_txt2img_wrote(api):
+    made = api.txt2img(prompt="a castle\nat night", negative_prompt="fog", seed=42, width=64, height=64)
+    info = api.png_info(made.images[0])
+    assert info.info == made.info["infotexts"][0]
+    p = info.parameters
+    assert (p["Prompt"], p["Negative prompt"], p["Seed"], p["Steps"]) == (
+        "a castle\nat night",
+        "fog",
+        "42",
+        "3",
+    )
+    assert (p["Size-1"], p["Size-2"], p["Sampler"]) == ("64", "64", "Euler a")
+
+
+def test_png_info_reads_jpeg_exif_and_plain_images(a1111):
+    from sdserve.images import encode
+
+    text = 'a cat\nSteps: 3, Sampler: Euler a, Seed: 7, Model: "quoted, with comma"'
+    body = {"image": base64.b64encode(encode(noise(1), text, "jpeg", 90)).decode()}
+    r = httpx.post(a1111.url + "/sdapi/v1/png-info", json=body, headers=auth()).json()
+    assert r["info"] == text and r["parameters"]["Seed"] == "7"
+    assert r["parameters"]["Model"] == "quoted, with comma"
+    plain = httpx.post(
+        a1111.url + "/sdapi/v1/png-info", json={"image": _b64(noise(1))}, headers=auth()
+    ).json()
+    assert plain == {"info": "", "items": {}, "parameters": {}}
+
+
+@pytest.mark.parametrize(
+    "image", ["not base64!", base64.b64encode(b"no image").decode(), "data:image/png;base64"]
+)
+def test_png_info_refusals_name_the_field(a1111, image):
+    r = httpx.post(a1111.url + "/sdapi/v1/png-info", json={"image": image}, headers=auth())
+    assert r.status_code == 422 and r.json()["param"] == "image", r.text
+
+
+def test_a_parameters_line_longer_than_any_a1111_writes_is_read_as_prompt():
+    """The pattern's scan is quadratic: past MAX_PARAMETERS_LINE the line is not scanned."""
+    from sdserve.images import MAX_PARAMETERS_LINE, parse_infotext
+
+    line = "Steps: 3, " * (MAX_PARAMETERS_LINE // 10 + 1)
+    assert "Steps" not in parse_infotext("p\n" + line) and parse_infotext("p\n" + line[:200])["Steps"] == "3"
+    assert parse_infotext("a" * 100_000)["Prompt"] == "a" * 100_000
+
+
+@pytest.mark.parametrize("route", ["interrupt", "skip"])
+def test_interrupt_stops_the_running_batch_at_its_next_step(api, a1111, route):
+    """Held at the gate, the batch is interrupted; it then runs one step and answers with the image
+    as that step left it. The control, the same request not interrupted, runs every step."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from conftest import Gate
+
+    engine = a1111.engine
+    body = {"prompt": "x", "width": 64, "height": 64, "steps": 3, "seed": 9}
+
+    def run(stop: bool):
+        gate = Gate()
+        engine.before_pipeline_call = gate
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                f = pool.submit(
+                    httpx.post, a1111.url + "/sdapi/v1/txt2img", json=body, headers=auth(), timeout=60
+                )
+                assert gate.entered.wait(30)
+                if stop:
+                    assert getattr(api, route)() == {}
+                gate.open()
+                r = f.result()
+        finally:
+            engine.before_pipeline_call = None
+        assert r.status_code == 200, r.text
+        return r.json()["images"][0], engine.last_batch
+
+    stopped, batch = run(True)
+    assert batch.step == 1 and batch.interrupted
+    full, batch = run(False)
+    assert batch.step == 3 and not batch.interrupted
+    assert stopped != full
+    assert api.interrupt() == {}  # nothing running: a no-op

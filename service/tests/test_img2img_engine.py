@@ -136,3 +136,23 @@ def test_masks_from_alpha_brightness_and_inverted():
     assert binary_mask(rgba).getpixel((1, 1)) == 0 and binary_mask(rgba).getpixel((0, 0)) == 255
     grey = Image.new("L", (8, 8), 200)
     assert binary_mask(grey).getpixel((0, 0)) == 255 and binary_mask(grey, invert=True).getpixel((0, 0)) == 0
+
+
+def test_interrupt_stops_only_the_callers_batch(engine):  # noqa: F811
+    """With several keys, an interrupt stops a batch only when every request in it is the caller's."""
+    e = engine()
+    for others, expect in ((["b"], 4), ([], 1)):
+        first, second = Gate(), Gate()
+        e.before_pipeline_call = first
+        blocker = e.submit(P, "blocker", "", [0], key_name="z")
+        assert first.entered.wait(30)
+        reqs = [e.submit(P, "x", "", [1], key_name=k) for k in ("a", *others)]
+        e.before_pipeline_call = second  # the next call, the batch of reqs, waits here
+        first.open()
+        blocker.future.result(60)
+        assert second.entered.wait(30) and second.calls == [len(reqs)]
+        assert e.interrupt("a") == 1
+        second.open()
+        for r in reqs:
+            r.future.result(60)
+        assert e.last_batch.step == expect and e.last_batch.interrupted == (expect == 1)

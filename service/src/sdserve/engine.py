@@ -126,6 +126,7 @@ class Batch:
     images: int
     step: int = 0
     started: float = field(default_factory=time.time)
+    interrupted: bool = False  # stopped early by interrupt(): its images are as the step left them
 
 
 @dataclass
@@ -153,6 +154,7 @@ class GenRequest:
     done: int = 0
     batch: Batch | None = None  # the last batch it was in
     cancelled: bool = False
+    interrupted: bool = False  # its key asked the running batch to stop (A1111's interrupt)
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
 
@@ -410,6 +412,16 @@ class Engine:
         if not req.future.done():
             self._fail(req, Cancelled("cancelled"))
 
+    def interrupt(self, key_name: str | None = None) -> int:
+        """A1111's interrupt (and skip): the running batch stops at its next step and its images come
+        back as that step left them. Only `key_name`'s requests (None: all) are marked; a batch shared
+        with another key's requests runs on. Returns how many requests were marked."""
+        with self._cond:
+            mine = [r for r in self._running if key_name is None or r.key_name == key_name]
+            for req in mine:
+                req.interrupted = True
+        return len(mine)
+
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
@@ -634,7 +646,8 @@ class Engine:
 
         def on_step(pipeline, step, timestep, kwargs):
             batch.step = skipped + step + 1
-            if all(r.cancelled for r in distinct):
+            if all(r.cancelled or r.interrupted for r in distinct):
+                batch.interrupted = not all(r.cancelled for r in distinct)
                 pipeline._interrupt = True  # diffusers pipelines check this each step
             return kwargs
 
@@ -666,5 +679,7 @@ class Engine:
             seconds = time.perf_counter() - t
         finally:
             self.running, self.last_batch = None, batch
+            for r in distinct:  # an interrupt stops one batch; a request's later images still run
+                r.interrupted = False
         nsfw = getattr(out, "nsfw_content_detected", None) or [False] * len(items)
         return out.images, [bool(x) for x in nsfw], seconds

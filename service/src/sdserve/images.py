@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,57 @@ def encode(image, parameters: str, fmt: str = "png", quality: int | None = None)
     buf = io.BytesIO()
     image.save(buf, format=FORMATS[fmt], quality=100 if quality is None else quality, exif=exif)
     return buf.getvalue()
+
+
+# Keys PIL reads from image files that are no text a user wrote (A1111 leaves them out too).
+_NOT_TEXT = {"jfif", "jfif_version", "jfif_unit", "jfif_density", "dpi", "exif", "loop", "background",
+             "timestamp", "duration", "progressive", "progression", "icc_profile", "chromaticity",
+             "photoshop", "transparency", "gamma", "aspect", "srgb", "xmp"}  # fmt: skip
+
+
+def read_infotext(image) -> tuple[str, dict[str, str]]:
+    """A1111's png-info: the `parameters` text (a PNG chunk, or EXIF UserComment in JPEG and WebP)
+    and the image's other text items."""
+    items = {k: v for k, v in image.info.items() if isinstance(v, str) and k not in _NOT_TEXT}
+    text = items.pop("parameters", "")
+    comment = image.getexif().get_ifd(EXIF_IFD).get(USER_COMMENT) if "exif" in image.info else None
+    if not text and isinstance(comment, bytes) and comment.startswith(b"UNICODE\0"):
+        text = comment[8:].decode("utf-16-be", "replace")
+    elif not text and isinstance(comment, bytes) and comment.startswith(b"ASCII\0\0\0"):
+        text = comment[8:].decode("ascii", "replace")
+    return text, items
+
+
+# One `Key: value` of an infotext's last line; a value may be quoted (A1111's re_param).
+_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+MAX_PARAMETERS_LINE = 4096
+
+
+def parse_infotext(text: str) -> dict[str, str]:
+    """An infotext as A1111's parse_generation_parameters reads it: Prompt, Negative prompt, and each
+    `Key: value` of the last line (a size also as Key-1 and Key-2)."""
+    *lines, last = text.strip().split("\n")
+    # The pattern's scan is quadratic in a line without colons: a longer line (no parameters line
+    # A1111 writes is) is read as prompt.
+    if len(last) > MAX_PARAMETERS_LINE or len(_PARAM.findall(last)) < 3:
+        lines, last = [*lines, last], ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:") :].strip()
+        (negative if in_negative else prompt).append(line)
+    out = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in _PARAM.findall(last):
+        if len(value) > 1 and value[0] == value[-1] == '"':
+            value = value[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+        size = _SIZE.match(value)
+        if size:
+            out[f"{key}-1"], out[f"{key}-2"] = size.groups()
+        else:
+            out[key] = value
+    return out
 
 
 def expired(path: Path, retention_s: float, now: float | None = None) -> bool:

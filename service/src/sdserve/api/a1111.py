@@ -1,5 +1,5 @@
-"""AUTOMATIC1111-compatible API: POST /sdapi/v1/txt2img, /img2img (inpainting with a mask) and the
-discovery routes clients call.
+"""AUTOMATIC1111-compatible API: POST /sdapi/v1/txt2img, /img2img (inpainting with a mask),
+/png-info, /interrupt and /skip, and the discovery routes clients call.
 
 Clients such as `webuiapi` send every A1111 field with its default. Each field is
 honoured, accepted at its default (or ignored where A1111 ignores it, e.g. the
@@ -21,6 +21,7 @@ from .. import __version__
 from ..engine import MAX_SEED
 from ..errors import BODY, Problem, responses
 from ..generation import GenerationSpec, make_spec
+from ..images import parse_infotext, read_infotext
 from ..inputs import b64_bytes, binary_mask, img2img_source, inpaint_source, open_image
 from ..schedulers import SAMPLERS, SCHEDULES
 from ..service import Service
@@ -431,7 +432,7 @@ async def progress(service: ServiceDep, key_name: KeyName):
         "eta_relative": round(eta, 3),
         "state": {
             "skipped": False,
-            "interrupted": False,
+            "interrupted": bool(batch and batch.interrupted),
             "stopping_generation": False,
             "job": ("txt2img" if batch.params.mode == "txt2img" else "img2img") if batch else "",
             "job_count": engine.queue_depth + (1 if engine.busy else 0),
@@ -443,6 +444,38 @@ async def progress(service: ServiceDep, key_name: KeyName):
         "current_image": None,
         "textinfo": None,
     }
+
+
+class PngInfoRequest(RequestModel):
+    image: str = Field(description="Base64 PNG, JPEG or WebP (a data: URL too).")
+
+
+@router.post("/png-info", responses=responses(*BODY, 401, a1111=True))
+async def png_info(body: PngInfoRequest, service: ServiceDep, key_name: KeyName):
+    """The generation parameters an image carries (PNG text chunk, or EXIF UserComment), raw and
+    parsed as A1111 parses them, and its other text items."""
+    limit = service.settings.max_pixels
+
+    def read():
+        info, items = read_infotext(open_image(b64_bytes(body.image.strip(), "image"), "image", limit))
+        return {"info": info, "items": items, "parameters": parse_infotext(info) if info else {}}
+
+    return await service.generations.off_loop(read)
+
+
+@router.post("/interrupt", responses=responses(401, a1111=True))
+async def interrupt(service: ServiceDep, key_name: KeyName):
+    """Stop the running batch at its next step: its requests are answered with their images as that
+    step left them. Only the caller's key's requests are stopped; a batch shared with another key's
+    runs on. Images of a request that were not in the batch still run."""
+    service.engine.interrupt(key_name if len(service.keys) > 1 else None)
+    return {}
+
+
+@router.post("/skip", responses=responses(401, a1111=True))
+async def skip(service: ServiceDep, key_name: KeyName):
+    """A1111 skips to the job's next batch; here that is what /interrupt does."""
+    return await interrupt(service, key_name)
 
 
 @router.get("/scripts", responses=responses(401, a1111=True))
