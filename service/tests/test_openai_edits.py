@@ -119,7 +119,7 @@ def test_edit_output_format_and_size(client):
         ({"image": "ok"}, {"strength": "0"}, "strength"),
         ({"image": "ok"}, {"strength": "0.1", "steps": "3"}, "strength"),
         ({"image": "ok"}, {"output_format": "gif"}, "output_format"),
-        ({"image": "ok"}, {"stream": "true"}, "stream"),
+        ({"image": "ok"}, {"stream": "true", "partial_images": "4"}, "partial_images"),
         ({"image": "ok"}, {"style": "vivid"}, "style"),
         ({"image": "ok"}, {"model": "dall-e-2"}, "model"),
     ],

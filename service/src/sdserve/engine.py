@@ -148,6 +148,10 @@ class GenRequest:
     request_id: str = "-"
     image: Any = None  # img2img and inpaint: the RGB image at the batch's size
     mask: Any = None  # inpaint: the L mask at the batch's size, white repainted
+    partials: int = 0  # previews wanted per image, evenly spread over the steps (streaming)
+    on_partial: Callable[[int, int, Any], None] | None = (
+        None  # (image, preview index, picture), on the worker
+    )
     future: Future = field(default_factory=Future)  # resolves to list[Generated]
     images: list[Generated | None] = field(default_factory=list)
     taken: int = 0  # images handed to the worker so far
@@ -209,6 +213,35 @@ def cuda_free() -> int:
 def pick_seed(seed: int | None) -> int:
     """-1 or None picks a random seed (and the response reports it)."""
     return secrets.randbelow(MAX_SEED + 1) if seed is None or seed < 0 else seed
+
+
+def partial_steps(partials: int, steps: int) -> list[int]:
+    """The steps after which previews are taken: spread evenly, never the last (the image itself
+    follows), so a run of few steps gives fewer previews than asked, as OpenAI allows."""
+    return sorted({round((m + 1) * steps / (partials + 1)) for m in range(partials)} - {0, steps})
+
+
+# An SD latent's 4 channels to RGB, a linear fit (ComfyUI's SD1.5 preview factors): a preview at no
+# VAE cost, good enough to show composition and colour mid-run.
+_LATENT_RGB = (
+    (0.3512, 0.2297, 0.3227),
+    (0.3250, 0.4974, 0.2350),
+    (-0.2829, 0.1762, 0.2721),
+    (-0.2120, -0.2616, -0.7177),
+)
+
+
+def latent_preview(latent, width: int, height: int):
+    """A rough picture of one image's latent (4 x h x w), scaled to the output size."""
+    import torch
+    from PIL import Image
+
+    factors = torch.tensor(_LATENT_RGB, dtype=torch.float32)
+    x = latent.detach().float().cpu()
+    if x.shape[0] != factors.shape[0]:  # another latent space: a grey preview rather than a wrong one
+        x = torch.zeros((4, *x.shape[1:]))
+    rgb = torch.einsum("chw,cr->hwr", x, factors).add(1).div(2).clamp(0, 1).mul(255).to(torch.uint8)
+    return Image.fromarray(rgb.numpy()).resize((width, height), Image.BILINEAR)
 
 
 class Engine:
@@ -361,9 +394,12 @@ class Engine:
         key_queue_limit: int | None = None,
         image: Any = None,
         mask: Any = None,
+        partials: int = 0,
+        on_partial: Callable[[int, int, Any], None] | None = None,
     ) -> GenRequest:
         """Queue a request. `key_queue_limit`: most requests one key may have waiting. `image` (and
-        `mask`): what params.mode img2img (inpaint) starts from, at params' size."""
+        `mask`): what params.mode img2img (inpaint) starts from, at params' size. `on_partial` gets up to
+        `partials` previews of each image, decoded cheaply from the latents mid-run."""
         if (image is None) != (params.mode == "txt2img") or (mask is None) != (params.mode != "inpaint"):
             raise ValueError(f"mode {params.mode} with image={image is not None}, mask={mask is not None}")
         req = GenRequest(
@@ -375,6 +411,8 @@ class Engine:
             request_id=request_id,
             image=image,
             mask=mask,
+            partials=partials,
+            on_partial=on_partial,
         )
         with self._cond:
             if self.state == EngineState.DRAINING or self._stop:
@@ -643,9 +681,17 @@ class Engine:
             r.batch = batch
 
         skipped = p.steps - p.denoise_steps  # image-to-image starts part-way: those count as done
+        watched = [
+            (row, r, i, partial_steps(r.partials, p.denoise_steps)) for row, (r, i) in enumerate(items)
+        ]
+        watched = [w for w in watched if w[1].on_partial is not None and w[3]]
 
         def on_step(pipeline, step, timestep, kwargs):
             batch.step = skipped + step + 1
+            latents = kwargs.get("latents")
+            for row, r, i, marks in watched:
+                if step + 1 in marks and latents is not None and not r.cancelled:
+                    r.on_partial(i, marks.index(step + 1), latent_preview(latents[row], p.width, p.height))
             if all(r.cancelled or r.interrupted for r in distinct):
                 batch.interrupted = not all(r.cancelled for r in distinct)
                 pipeline._interrupt = True  # diffusers pipelines check this each step

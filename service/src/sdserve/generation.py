@@ -15,7 +15,7 @@ import base64
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -132,6 +132,15 @@ def make_spec(
     return GenerationSpec(prompt, negative_prompt, params, n, seed, source)
 
 
+@dataclass(frozen=True)
+class Partial:
+    """A preview of a request's image number `image` mid-run, the `index`-th of its previews."""
+
+    image: int
+    index: int
+    picture: Any
+
+
 @dataclass
 class Image:
     """One generated image, with what a response says of it."""
@@ -156,7 +165,9 @@ class Generations:
         self._key_count = key_count  # () -> int, keys in force
         self.png_pool = png_pool
 
-    def submit(self, spec: GenerationSpec, key_name: str, request_id: str) -> GenRequest:
+    def submit(
+        self, spec: GenerationSpec, key_name: str, request_id: str, partials: int = 0, on_partial=None
+    ) -> GenRequest:
         first = pick_seed(spec.seed)
         p = spec.params
         extra = {
@@ -182,6 +193,8 @@ class Generations:
             key_queue_limit=key_limit,
             image=spec.source.image if spec.source else None,
             mask=spec.source.mask if spec.source else None,
+            partials=partials,
+            on_partial=on_partial,
         )
 
     async def images(self, spec: GenerationSpec, req: GenRequest, generated: list) -> list[Image]:
@@ -213,6 +226,9 @@ class Generations:
                 timeout=self.settings.request_timeout_s,
                 return_when=asyncio.FIRST_COMPLETED,
             )
+        except asyncio.CancelledError:
+            result.cancel()  # its caller is gone (a stream closed): nothing will read its outcome
+            raise
         finally:
             if watcher is not None:
                 watcher.cancel()
@@ -232,6 +248,41 @@ class Generations:
         self, spec: GenerationSpec, key_name: str, request_id: str, gone: Gone | None = None
     ) -> list[Image]:
         return await self.wait(spec, self.submit(spec, key_name, request_id), gone)
+
+    def stream(
+        self, spec: GenerationSpec, key_name: str, request_id: str, partials: int
+    ) -> AsyncIterator[Partial | list[Image]]:
+        """Submit a spec now (a full queue raises here, before any answer has begun); the iterator
+        yields each preview as the worker takes it (up to `partials` an image), then the images.
+        Leaving the iteration early (the client went away) cancels the request."""
+        loop = asyncio.get_running_loop()
+        previews: asyncio.Queue[Partial] = asyncio.Queue()
+
+        def on_partial(image: int, index: int, picture) -> None:  # on the worker thread
+            loop.call_soon_threadsafe(previews.put_nowait, Partial(image, index, picture))
+
+        req = self.submit(spec, key_name, request_id, partials, on_partial)
+        return self._stream(spec, req, previews)
+
+    async def _stream(
+        self, spec: GenerationSpec, req: GenRequest, previews: asyncio.Queue
+    ) -> AsyncIterator[Partial | list[Image]]:
+        result = asyncio.ensure_future(self.wait(spec, req))
+        try:
+            while True:
+                getter = asyncio.ensure_future(previews.get())
+                done, _ = await asyncio.wait({getter, result}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    break
+                yield getter.result()
+            while not previews.empty():  # taken before the last step, queued behind the result
+                yield previews.get_nowait()
+            yield result.result()
+        finally:
+            if not result.done():
+                result.cancel()
+                self.engine.cancel(req)
 
     async def png(self, image: Image) -> bytes:
         return await self.off_loop(encode_png, image.picture, image.infotext)

@@ -8,7 +8,7 @@ from functools import partial
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from ..errors import BODY, responses
+from ..errors import BODY, Problem, responses
 from .deps import KeyName, PublicBase, RequestId, ServiceDep
 from .openai import ImageGenerationRequest, render, spec_of
 
@@ -23,6 +23,8 @@ async def create_job(
     request_id: RequestId,
     base_url: PublicBase,
 ):
+    if body.stream:
+        raise Problem("stream: a job is not streamed; poll GET /v1/jobs/{id} for its progress", "stream")
     spec = spec_of(service, body)
     job = service.jobs.create(
         spec, key_name, request_id, partial(render, service.generations, base_url, body)

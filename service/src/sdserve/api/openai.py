@@ -3,19 +3,22 @@ an optional mask), GET /v1/models, and the files url results name."""
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 import time
+from collections.abc import AsyncIterator
 from functools import partial
 from typing import Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..engine import MAX_SEED
-from ..errors import BODY, Problem, responses
-from ..generation import Generations, GenerationSpec, Image, make_spec
-from ..images import MEDIA_TYPES, expired
+from ..errors import BODY, Problem, error_type, responses
+from ..generation import Generations, GenerationSpec, Image, Partial, make_spec
+from ..images import MEDIA_TYPES, encode, expired
 from ..inputs import Source, has_alpha, img2img_source, inpaint_source, open_image, transparent_mask
 from ..service import Service
 from ..settings import parse_size
@@ -66,6 +69,10 @@ class ImageGenerationRequest(RequestModel):
     scheduler: str | None = Field(
         None, description='A1111 sampler and schedule type, e.g. "DPM++ 2M Karras", "Euler a", "PNDM".'
     )
+    stream: bool = Field(False, description="Answer with server-sent events: previews, then each image.")
+    partial_images: int | None = Field(
+        None, ge=0, le=3, description="Previews per image when streaming (fewer when the steps are few)."
+    )
 
 
 class ImageData(BaseModel):
@@ -94,7 +101,6 @@ class ImageEditRequest(ImageGenerationRequest):
     strength: float | None = Field(
         None, gt=0, le=1, description="How far from the image to go; default 1 with a mask, else 0.75."
     )
-    stream: Literal[False] = Field(False, description="Streaming is not supported yet.")
 
 
 def spec_of(
@@ -120,6 +126,8 @@ def spec_of(
             f"response_format: url is off on this server (it needs {s.name('output_dir')}); use b64_json",
             "response_format",
         )
+    if body.stream and body.response_format == "url":
+        raise Problem("response_format: streamed images come as b64_json, never url", "response_format")
     if body.output_compression is not None and body.output_format in (None, "png"):
         raise Problem("output_compression: only for output_format jpeg or webp", "output_compression")
     width, height = parse_size(body.size) if body.size else size or service.native_size
@@ -166,17 +174,74 @@ async def render(
     }
 
 
+# Token usage, which OpenAI's completed events carry (for its GPT image models): none here.
+_USAGE = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}, "output_tokens": 0,
+          "total_tokens": 0}  # fmt: skip
+STREAMED = {
+    200: {"content": {"text/event-stream": {}}, "description": "The images, or with `stream` events."}
+}
+
+
+def _event(name: str, data: dict) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+async def events(
+    generations: Generations, body: ImageGenerationRequest, spec: GenerationSpec,
+    items: AsyncIterator[Partial | list[Image]], kind: str,
+) -> AsyncIterator[bytes]:  # fmt: skip
+    """OpenAI's streamed answer: `{kind}.partial_image` events (previews from the latents mid-run),
+    then a `{kind}.completed` event an image; a failure after the start is an `error` event."""
+    fmt, quality = body.output_format or "png", body.output_compression
+    p = spec.params
+
+    def common() -> dict:
+        return {"created_at": int(time.time()), "size": f"{p.width}x{p.height}", "quality": "auto",
+                "background": "opaque", "output_format": fmt}  # fmt: skip
+
+    try:
+        async for item in items:
+            if isinstance(item, Partial):
+                data = await generations.off_loop(encode, item.picture, "", fmt, quality)
+                yield _event(f"{kind}.partial_image", {"type": f"{kind}.partial_image",
+                             "b64_json": base64.b64encode(data).decode("ascii"), **common(),
+                             "partial_image_index": item.index, "image_index": item.image})  # fmt: skip
+                continue
+            for i, image in enumerate(item):
+                b64 = await generations.b64(image, fmt, quality)
+                yield _event(f"{kind}.completed", {"type": f"{kind}.completed", "b64_json": b64, **common(),
+                             "usage": _USAGE, "image_index": i, "seed": image.seed})  # fmt: skip
+    except Problem as e:
+        error = {"message": e.message, "type": error_type(e.status), "param": e.param, "code": e.code}
+        yield _event("error", {"type": "error", "error": error})
+
+
+def stream_of(
+    generations: Generations, body: ImageGenerationRequest, spec: GenerationSpec, key_name: str,
+    request_id: str, kind: str,
+) -> StreamingResponse:  # fmt: skip
+    """Submitted before the answer starts: a full queue is still a 429, not an event."""
+    items = generations.stream(spec, key_name, request_id, body.partial_images or 0)
+    return StreamingResponse(
+        events(generations, body, spec, items, kind),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+    )
+
+
 @router.post(
     "/v1/images/generations",
     response_model=ImagesResponse,
     response_model_exclude_none=True,
-    responses=responses(*BODY, 401, 404, 429, 500, 503, 504),
+    responses={**STREAMED, **responses(*BODY, 401, 404, 429, 500, 503, 504)},
 )
 async def generations(
     body: ImageGenerationRequest, service: ServiceDep, key_name: KeyName, request_id: RequestId,
     base_url: PublicBase, request: Request,
 ):  # fmt: skip
     spec = spec_of(service, body)
+    if body.stream:
+        return stream_of(service.generations, body, spec, key_name, request_id, "image_generation")
     images = await service.generations.run(spec, key_name, request_id, partial(client_gone, request))
     return await render(service.generations, base_url, body, images)
 
@@ -192,7 +257,7 @@ EDIT_SCHEMA = {
             "description": "A PNG the image's size: fully transparent pixels are edited. Omitted: the "
             "image's own transparent pixels, or, with none, the whole image (image-to-image).",
         },
-        **{k: v for k, v in ImageEditRequest.model_json_schema()["properties"].items() if k != "stream"},
+        **ImageEditRequest.model_json_schema()["properties"],
     },
 }
 
@@ -227,7 +292,7 @@ def _edit_body(form: list[Part]) -> tuple[ImageEditRequest, bytes, bytes | None]
     "/v1/images/edits",
     response_model=ImagesResponse,
     response_model_exclude_none=True,
-    responses=responses(*BODY, 401, 404, 429, 500, 503, 504),
+    responses={**STREAMED, **responses(*BODY, 401, 404, 429, 500, 503, 504)},
     openapi_extra={
         "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": EDIT_SCHEMA}}}
     },
@@ -268,6 +333,8 @@ async def edits(
         )
     strength = body.strength if body.strength is not None else 1.0 if mask is not None else 0.75
     spec = spec_of(service, body, size=(w, h), source=source, strength=strength)
+    if body.stream:
+        return stream_of(generations, body, spec, key_name, request_id, "image_edit")
     images = await generations.run(spec, key_name, request_id, partial(client_gone, request))
     return await render(generations, base_url, body, images)
 
