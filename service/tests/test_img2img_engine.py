@@ -156,3 +156,19 @@ def test_interrupt_stops_only_the_callers_batch(engine):  # noqa: F811
         for r in reqs:
             r.future.result(60)
         assert e.last_batch.step == expect and e.last_batch.interrupted == (expect == 1)
+
+
+@pytest.mark.parametrize("pixels", [100_000_000, 200_000_000])
+def test_decompression_bombs_are_refused_even_within_the_pixel_budget(pixels):
+    """PIL's own limit (a warning above MAX_IMAGE_PIXELS, an error above twice it) holds even where
+    the service's budget would allow the image: both are a 422 naming the field."""
+    import io
+
+    from sdserve.errors import Problem
+    from sdserve.inputs import open_image
+
+    buf = io.BytesIO()
+    Image.new("1", (10_000, pixels // 10_000)).save(buf, format="PNG")  # a few KB
+    with pytest.raises(Problem) as e:
+        open_image(buf.getvalue(), "init_images.0", max_pixels=10**12)
+    assert e.value.param == "init_images.0" and "too large" in e.value.message

@@ -167,3 +167,28 @@ def test_multipart_parts_round_trip_any_bytes():
     for broken in (req.read()[:-10], req.read().replace(b"Content-Disposition", b"X-Other")):
         with pytest.raises(Problem):
             parse(req.headers["content-type"], broken)
+
+
+def test_the_openapi_document_describes_the_new_routes(shared_server):
+    doc = httpx.get(shared_server.url + "/openapi.json").json()
+    paths = doc["paths"]
+    for p in (
+        "/v1/images/edits",
+        "/sdapi/v1/img2img",
+        "/sdapi/v1/png-info",
+        "/sdapi/v1/interrupt",
+        "/sdapi/v1/skip",
+    ):
+        assert p in paths, p
+    form = paths["/v1/images/edits"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert {"image", "mask", "prompt", "strength", "stream", "partial_images"} <= set(form["properties"])
+    assert form["properties"]["image"]["format"] == "binary" and form["required"] == ["image", "prompt"]
+    for p in ("/v1/images/generations", "/v1/images/edits"):
+        assert "text/event-stream" in paths[p]["post"]["responses"]["200"]["content"]
+    img2img = doc["components"]["schemas"]["Img2ImgRequest"]["properties"]
+    width = img2img["width"]["anyOf"][0]
+    assert (width["maximum"], width["multipleOf"]) == (2048, 8)  # this instance's limits, as txt2img's
+    assert img2img["resize_mode"]["enum"] == [0, 1] and img2img["inpainting_fill"]["enum"] == [0, 1]
+    assert img2img["latent_mask"]["enum"] == [None, ""]
+    openai_props = doc["components"]["schemas"]["ImageGenerationRequest"]["properties"]
+    assert openai_props["output_format"]["anyOf"][0]["enum"] == ["png", "jpeg", "webp"]
