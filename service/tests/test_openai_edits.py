@@ -192,3 +192,26 @@ def test_the_openapi_document_describes_the_new_routes(shared_server):
     assert img2img["latent_mask"]["enum"] == [None, ""]
     openai_props = doc["components"]["schemas"]["ImageGenerationRequest"]["properties"]
     assert openai_props["output_format"]["anyOf"][0]["enum"] == ["png", "jpeg", "webp"]
+
+
+def test_an_edit_as_a_job_gives_the_synchronous_body_and_frees_its_images(shared_server):
+    from conftest import wait_until
+
+    url = shared_server.url
+    files = {"image": ("in.png", png(noise(7)), "image/png"), "mask": ("m.png", png(hole()), "image/png")}
+    data = {"prompt": "a window", "seed": "31", "steps": "3"}
+    r = httpx.post(url + "/v1/images/edits/jobs", files=files, data=data)
+    assert r.status_code == 202 and r.headers["location"] == f"/v1/jobs/{r.json()['id']}", r.text
+    job_id = r.json()["id"]
+    wait_until(lambda: httpx.get(f"{url}/v1/jobs/{job_id}").json()["status"] == "succeeded", what="the job")
+    job = httpx.get(f"{url}/v1/jobs/{job_id}").json()
+    sync = httpx.post(url + "/v1/images/edits", files=files, data=data, timeout=60).json()
+    assert job["result"]["data"][0]["b64_json"] == sync["data"][0]["b64_json"]
+    held = shared_server.app.state.service.jobs.jobs[job_id].req
+    assert held.image is None and held.mask is None  # done: the job keeps only its result
+    refused = httpx.post(url + "/v1/images/edits/jobs", files=files, data={**data, "stream": "true"})
+    assert refused.status_code == 422 and refused.json()["error"]["param"] == "stream"
+    bad = httpx.post(
+        url + "/v1/images/edits/jobs", files={"image": ("x.png", b"nope", "image/png")}, data=data
+    )
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "image"

@@ -59,7 +59,9 @@ class BodyTimeout(StarletteHTTPException):
         )
 
 
-IMAGE_ROUTES = frozenset({"/sdapi/v1/img2img", "/sdapi/v1/png-info", "/v1/images/edits"})
+IMAGE_ROUTES = frozenset(
+    {"/sdapi/v1/img2img", "/sdapi/v1/png-info", "/v1/images/edits", "/v1/images/edits/jobs"}
+)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 

@@ -446,6 +446,7 @@ class Engine:
             req.cancelled = True
             if req in self._queue and req.taken == 0:
                 self._queue.remove(req)
+                req.image = req.mask = None  # never reaches the worker
                 self._cond.notify_all()  # a worker waiting for this request's batch-mates re-checks
         if not req.future.done():
             self._fail(req, Cancelled("cancelled"))
@@ -499,6 +500,9 @@ class Engine:
                 self.phase = Phase.RUNNING
             if items:
                 self._run(items)
+                for req in {id(r): r for r, _ in items}.values():
+                    if req.future.done():  # a finished job must not hold its input images until it expires
+                        req.image = req.mask = None
                 requests = len({id(r) for r, _ in items})
                 self._last_batch = (items[0][0].params, requests, time.monotonic())
 

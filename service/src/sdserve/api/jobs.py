@@ -1,5 +1,7 @@
-"""Async jobs over HTTP: POST /v1/jobs takes the body of /v1/images/generations and answers 202;
-GET /v1/jobs/{id} gives status, progress and, when done, the body the synchronous route gives."""
+"""Async jobs over HTTP: POST /v1/jobs takes the body of /v1/images/generations, POST
+/v1/images/edits/jobs the form of /v1/images/edits (not under /v1/jobs/, where it would read as a
+job id); both answer 202. GET /v1/jobs/{id} gives status, progress and, when done, the body the
+synchronous route gives."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from fastapi.responses import JSONResponse
 
 from ..errors import BODY, Problem, responses
 from .deps import KeyName, PublicBase, RequestId, ServiceDep
-from .openai import ImageGenerationRequest, render, spec_of
+from .forms import Form
+from .openai import EDIT_FORM, ImageGenerationRequest, edit_spec, render, spec_of
 
 router = APIRouter(tags=["jobs"])
 
@@ -23,9 +26,26 @@ async def create_job(
     request_id: RequestId,
     base_url: PublicBase,
 ):
+    return _create(service, body, spec_of(service, body), key_name, request_id, base_url)
+
+
+@router.post(
+    "/v1/images/edits/jobs",
+    status_code=202,
+    responses=responses(*BODY, 401, 404, 429, 503),
+    openapi_extra=EDIT_FORM,
+)
+async def create_edit_job(
+    form: Form, service: ServiceDep, key_name: KeyName, request_id: RequestId, base_url: PublicBase
+):
+    """An image edit as a job: the form of POST /v1/images/edits."""
+    body, spec = await edit_spec(service, form)
+    return _create(service, body, spec, key_name, request_id, base_url)
+
+
+def _create(service, body: ImageGenerationRequest, spec, key_name: str, request_id: str, base_url: str):
     if body.stream:
         raise Problem("stream: a job is not streamed; poll GET /v1/jobs/{id} for its progress", "stream")
-    spec = spec_of(service, body)
     job = service.jobs.create(
         spec, key_name, request_id, partial(render, service.generations, base_url, body)
     )

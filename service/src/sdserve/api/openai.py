@@ -262,6 +262,9 @@ EDIT_SCHEMA = {
 }
 
 
+EDIT_FORM = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": EDIT_SCHEMA}}}}
+
+
 def _edit_body(form: list[Part]) -> tuple[ImageEditRequest, bytes, bytes | None]:
     """An edit's fields, image and mask from its form; a Problem names the field at fault."""
     fields: dict[str, str] = {}
@@ -293,9 +296,7 @@ def _edit_body(form: list[Part]) -> tuple[ImageEditRequest, bytes, bytes | None]
     response_model=ImagesResponse,
     response_model_exclude_none=True,
     responses={**STREAMED, **responses(*BODY, 401, 404, 429, 500, 503, 504)},
-    openapi_extra={
-        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": EDIT_SCHEMA}}}
-    },
+    openapi_extra=EDIT_FORM,
 )
 async def edits(
     form: Form, service: ServiceDep, key_name: KeyName, request_id: RequestId, base_url: PublicBase,
@@ -303,6 +304,16 @@ async def edits(
 ):  # fmt: skip
     """Edit an image where its mask is transparent (inpainting: every other pixel is the image's),
     or, without a mask or transparency, as a whole (image-to-image)."""
+    body, spec = await edit_spec(service, form)
+    if body.stream:
+        return stream_of(service.generations, body, spec, key_name, request_id, "image_edit")
+    images = await service.generations.run(spec, key_name, request_id, partial(client_gone, request))
+    return await render(service.generations, base_url, body, images)
+
+
+async def edit_spec(service: Service, form: list[Part]) -> tuple[ImageEditRequest, GenerationSpec]:
+    """An edit's form as its fields and a spec (the synchronous route's and a job's); a Problem names
+    the field at fault."""
     body, image_data, mask_data = _edit_body(form)
     limit, generations = service.settings.max_pixels, service.generations
 
@@ -332,11 +343,7 @@ async def edits(
             partial(inpaint_source, image, mask, w, h, fill_masked=True, inside_only=True)
         )
     strength = body.strength if body.strength is not None else 1.0 if mask is not None else 0.75
-    spec = spec_of(service, body, size=(w, h), source=source, strength=strength)
-    if body.stream:
-        return stream_of(generations, body, spec, key_name, request_id, "image_edit")
-    images = await generations.run(spec, key_name, request_id, partial(client_gone, request))
-    return await render(generations, base_url, body, images)
+    return body, spec_of(service, body, size=(w, h), source=source, strength=strength)
 
 
 # The names Generations.save gives written images; nothing else is ever looked up on disk.
