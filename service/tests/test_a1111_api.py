@@ -216,6 +216,8 @@ def test_img2img_with_webuiapi(api):
     # Close to its input: nearer to it than to the other input.
     px = [np.asarray(im, dtype=float) for im in (a.images[0], source, noise(2))]
     assert np.abs(px[0] - px[1]).mean() < np.abs(px[0] - px[2]).mean()
+    for mode in (1, 2):  # crop and resize, resize and fill: another aspect ratio in, the size asked out
+        assert api.img2img(images=[noise(5, (64, 32))], resize_mode=mode, **args).images[0].size == (64, 64)
     batch = api.img2img(images=[source], batch_size=2, n_iter=2, **args)
     assert len(batch.images) == 4 and batch.info["all_seeds"] == [77, 78, 79, 80]
     # Per-image seeds: equal within rounding whatever the batch size.
@@ -286,7 +288,7 @@ def _b64(image, fmt="PNG") -> str:
         ({"init_images": "two"}, "init_images"),
         ({"mask": "small"}, "mask"),
         ({"mask": "not base64!"}, "mask"),
-        ({"resize_mode": 2}, "resize_mode"),
+        ({"resize_mode": 3}, "resize_mode"),
         ({"inpainting_fill": 2}, "inpainting_fill"),
         ({"denoising_strength": 0}, "denoising_strength"),
         ({"denoising_strength": 0.1}, "denoising_strength"),  # 2 steps x 0.1: no step would run

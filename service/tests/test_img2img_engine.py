@@ -172,3 +172,23 @@ def test_decompression_bombs_are_refused_even_within_the_pixel_budget(pixels):
     with pytest.raises(Problem) as e:
         open_image(buf.getvalue(), "init_images.0", max_pixels=10**12)
     assert e.value.param == "init_images.0" and "too large" in e.value.message
+
+
+def test_resize_modes():
+    from sdserve.inputs import resize
+
+    wide = Image.new("RGB", (64, 32), (200, 0, 0))
+    wide.paste((0, 0, 200), (0, 0, 64, 1))  # a blue top row
+    wide.paste((0, 200, 0), (0, 31, 64, 32))  # a green bottom row
+    wide.paste((200, 200, 0), (0, 1, 8, 31))  # a yellow left edge, which a centre crop cuts
+    assert resize(wide, 0, 64, 64).size == (64, 64)
+    assert np.asarray(resize(wide, 0, 64, 64))[32, 32].tolist() == [200, 0, 0]  # stretched
+    cropped = np.asarray(resize(wide, 1, 32, 32))  # cover: the full height kept, the sides cut
+    assert cropped.shape == (32, 32, 3) and cropped[0, 16].tolist() == [0, 0, 200]
+    assert cropped[16, 0].tolist() == [200, 0, 0] and np.asarray(resize(wide, 0, 32, 32))[16, 0][1] > 100
+    filled = np.asarray(resize(wide, 2, 64, 64))  # fit in the middle, bands from the edge rows
+    assert filled.shape == (64, 64, 3) and filled[32, 32].tolist() == [200, 0, 0]
+    assert filled[0, 32][2] > 150 and filled[63, 32][1] > 150  # top band blue, bottom band green
+    tall = resize(Image.new("L", (10, 40), 255), 2, 64, 64)  # a mask, bands beside it
+    assert tall.mode == "L" and np.asarray(tall).min() == 255
+    assert np.asarray(resize(Image.new("RGB", (64, 63)), 2, 64, 64)).shape == (64, 64, 3)  # a 1-pixel band

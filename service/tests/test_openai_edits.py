@@ -188,7 +188,7 @@ def test_the_openapi_document_describes_the_new_routes(shared_server):
     img2img = doc["components"]["schemas"]["Img2ImgRequest"]["properties"]
     width = img2img["width"]["anyOf"][0]
     assert (width["maximum"], width["multipleOf"]) == (2048, 8)  # this instance's limits, as txt2img's
-    assert img2img["resize_mode"]["enum"] == [0, 1] and img2img["inpainting_fill"]["enum"] == [0, 1]
+    assert img2img["resize_mode"]["enum"] == [0, 1, 2] and img2img["inpainting_fill"]["enum"] == [0, 1]
     assert img2img["latent_mask"]["enum"] == [None, ""]
     openai_props = doc["components"]["schemas"]["ImageGenerationRequest"]["properties"]
     assert openai_props["output_format"]["anyOf"][0]["enum"] == ["png", "jpeg", "webp"]

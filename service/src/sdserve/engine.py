@@ -149,9 +149,8 @@ class GenRequest:
     image: Any = None  # img2img and inpaint: the RGB image at the batch's size
     mask: Any = None  # inpaint: the L mask at the batch's size, white repainted
     partials: int = 0  # previews wanted per image, evenly spread over the steps (streaming)
-    on_partial: Callable[[int, int, Any], None] | None = (
-        None  # (image, preview index, picture), on the worker
-    )
+    # Called on the worker with (image, preview index, picture) for each preview.
+    on_partial: Callable[[int, int, Any], None] | None = None
     future: Future = field(default_factory=Future)  # resolves to list[Generated]
     images: list[Generated | None] = field(default_factory=list)
     taken: int = 0  # images handed to the worker so far

@@ -82,12 +82,28 @@ def transparent_mask(image: Image.Image) -> Image.Image:
 
 
 def resize(image: Image.Image, mode: int, width: int, height: int) -> Image.Image:
-    """A1111's resize modes 0 (just resize) and 1 (crop and resize: cover, centre crop)."""
+    """A1111's resize modes: 0 just resize; 1 crop and resize (cover, centre crop); 2 resize and fill
+    (fit, centred, the bands beside it filled by stretching the image's edge rows or columns)."""
     if image.size == (width, height):
         return image
     if mode == 1:
         return ImageOps.fit(image, (width, height), Image.LANCZOS)
-    return image.resize((width, height), Image.LANCZOS)
+    if mode != 2:
+        return image.resize((width, height), Image.LANCZOS)
+    if width / height < image.width / image.height:  # wider than the target: bands above and below
+        w, h = width, max(1, image.height * width // image.width)
+    else:
+        w, h = max(1, image.width * height // image.height), height
+    fitted = image.resize((w, h), Image.LANCZOS)
+    out = Image.new(image.mode, (width, height))
+    x, y = width // 2 - w // 2, height // 2 - h // 2
+    out.paste(fitted, (x, y))
+    bands = [((width, y), (0, 0, w, 0), (0, 0)), ((width, height - y - h), (0, h, w, h), (0, y + h)),
+             ((x, height), (0, 0, 0, h), (0, 0)), ((width - x - w, height), (w, 0, w, h), (x + w, 0))]  # fmt: skip
+    for size, edge, at in bands:
+        if min(size) > 0:
+            out.paste(fitted.resize(size, box=edge), at)
+    return out
 
 
 def fill(image: Image.Image, mask: Image.Image) -> Image.Image:

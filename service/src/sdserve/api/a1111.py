@@ -199,7 +199,9 @@ class Img2ImgRequest(Txt2ImgRequest):
         min_length=1, max_length=1, description="One base64 PNG, JPEG or WebP image (a data: URL too)."
     )
     denoising_strength: float = Field(0.75, ge=0, le=1, description="How far from the image to go.")
-    resize_mode: int = Field(0, ge=0, le=3, description="0 just resize, 1 crop and resize; 2 and 3 refused.")
+    resize_mode: int = Field(
+        0, ge=0, le=3, description="0 just resize, 1 crop and resize, 2 resize and fill; 3 refused."
+    )
     image_cfg_scale: float | None = Field(
         None, description="Ignored, as A1111 ignores it but for pix2pix models."
     )
@@ -224,7 +226,7 @@ IMG2IMG_AT_DEFAULT: dict[str, tuple] = {
     "initial_noise_multiplier": (None, 1),
     "latent_mask": (None, ""),
     "include_init_images": (None, False),
-    "resize_mode": (0, 1),
+    "resize_mode": (0, 1, 2),
     "inpainting_fill": (0, 1),
 }
 
