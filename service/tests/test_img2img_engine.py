@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import Gate
 from PIL import Image
-from test_engine import engine, loaded, pixels  # noqa: F401  (fixtures)
+from test_engine import engine, loaded, pixels, sdxl_model  # noqa: F401  (fixtures)
 
 from sdserve.engine import GenParams
 from sdserve.inputs import binary_mask, crop_region, inpaint_source
@@ -192,3 +192,21 @@ def test_resize_modes():
     tall = resize(Image.new("L", (10, 40), 255), 2, 64, 64)  # a mask, bands beside it
     assert tall.mode == "L" and np.asarray(tall).min() == 255
     assert np.asarray(resize(Image.new("RGB", (64, 63)), 2, 64, 64)).shape == (64, 64, 3)  # a 1-pixel band
+
+
+def test_sdxl_img2img_and_inpainting_from_the_same_components(make_settings, sdxl_model):  # noqa: F811
+    from sdserve.engine import Engine
+
+    e = Engine(make_settings(model=sdxl_model)).start()
+    try:
+        assert e.wait_ready(60), e.error
+        assert e.pipeline("img2img").unet is e.model.pipe.unet
+        assert e.pipeline("inpaint").text_encoder_2 is e.model.pipe.text_encoder_2
+        out = e.submit(I2I, "x", "fog", [1], image=picture(1)).future.result(60)
+        src = inpaint_source(picture(2), square_mask(), 64, 64, blur=0)
+        inpainted = e.submit(INPAINT, "x", "", [2], image=src.image, mask=src.mask).future.result(60)
+        assert out[0].image.size == inpainted[0].image.size == (64, 64)
+        kept = np.asarray(src.paste_back(inpainted[0].image))
+        assert (kept[:24] == np.asarray(picture(2))[:24]).all()
+    finally:
+        e.drain(30)
