@@ -171,8 +171,16 @@ def test_smoke_saves_a_png_of_the_size_and_a_grid(serving: Serving, state: Path)
         assert len(image.getcolors(maxcolors=1 << 16) or range(2)) > 1  # a picture, not a blank
     with Image.open(state / "smoke" / "grid.png") as grid:
         assert grid.format == "PNG" and grid.width >= 64 and grid.height > 64  # the tile and its label
+    # Then image to image from it, on the same instance: both paths the node serves.
+    assert f"image to image: {serving.node}-0-img2img.png" in proc.stdout, explain(proc)
+    with (
+        Image.open(state / "smoke" / f"{serving.node}-0.png") as first,
+        Image.open(state / "smoke" / f"{serving.node}-0-img2img.png") as redrawn,
+    ):
+        assert (redrawn.format, redrawn.size) == ("PNG", (64, 64))
+        assert redrawn.tobytes() != first.tobytes()  # redrawn, not handed back
     after = json.loads(sdnode("status", "-i", str(serving.inventory), "--json", state=state).stdout)
-    assert after[0]["instances"][0]["images"] == before[0]["instances"][0]["images"] + 1
+    assert after[0]["instances"][0]["images"] == before[0]["instances"][0]["images"] + 2
 
 
 def test_smoke_reports_the_service_refusal(serving: Serving, state: Path) -> None:

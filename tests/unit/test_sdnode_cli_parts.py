@@ -30,7 +30,15 @@ from sdnode.day2.service import (
     model_label,
     parse_driver,
 )
-from sdnode.day2.smoke import SmokeResult, decode_png, error_detail, node_request, parse_size, request_body
+from sdnode.day2.smoke import (
+    SmokeResult,
+    decode_png,
+    error_detail,
+    img2img_body,
+    node_request,
+    parse_size,
+    request_body,
+)
 
 # ---------------------------------------------------------------------------------------------
 # metrics
@@ -323,6 +331,24 @@ def test_decode_png_checks_format_and_size() -> None:
         decode_png({"data": [{"b64_json": png_b64((64, 64), "JPEG")}]}, None)
     with pytest.raises(ValueError, match="b64_json"):
         decode_png({"data": []}, None)
+
+
+def test_image_to_image_redraws_the_first_answer_with_its_settings() -> None:
+    png = base64.b64decode(png_b64((64, 48)))
+    body = img2img_body(request_body("p", 3, "64x48", 4), png)
+    assert body == {
+        "prompt": "p",
+        "init_images": [base64.b64encode(png).decode()],
+        "denoising_strength": 0.5,
+        "seed": 3,
+        "batch_size": 1,
+        "width": 64,
+        "height": 48,
+        "steps": 4,
+    }
+    assert "width" not in img2img_body(request_body("p", 3, None, None), png)  # the service's default
+    raw, image = decode_png({"images": [png_b64((64, 48))]}, (64, 48))  # A1111's answer
+    assert raw == png and image.size == (64, 48)
 
 
 def test_request_body_leaves_defaults_to_the_service() -> None:

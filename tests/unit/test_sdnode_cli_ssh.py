@@ -72,10 +72,22 @@ class FakeSSHD(paramiko.ServerInterface):
 
     def check_channel_exec_request(self, channel: paramiko.Channel, command: bytes) -> bool:
         def run() -> None:
-            proc = subprocess.run(["sh", "-c", command.decode()], capture_output=True, timeout=30)
-            channel.sendall(proc.stdout)
-            channel.sendall_stderr(proc.stderr)
-            channel.send_exit_status(proc.returncode)
+            pipe = subprocess.PIPE
+            proc = subprocess.Popen(["sh", "-c", command.decode()], stdin=pipe, stdout=pipe, stderr=pipe)
+
+            def feed() -> None:  # the channel's stdin, until the client's EOF
+                try:
+                    while data := channel.recv(65536):
+                        proc.stdin.write(data)
+                    proc.stdin.close()
+                except (OSError, ValueError):
+                    pass
+
+            threading.Thread(target=feed, daemon=True).start()
+            out, err = proc.stdout.read(), proc.stderr.read()
+            channel.sendall(out)
+            channel.sendall_stderr(err)
+            channel.send_exit_status(proc.wait(timeout=30))
             channel.close()
 
         threading.Thread(target=run, daemon=True).start()
@@ -124,6 +136,16 @@ class Handler(BaseHTTPRequestHandler):
         Handler.seen.append({"path": self.path, "authorization": self.headers.get("Authorization")})
         body = json.dumps({"status": "ready", "path": self.path}).encode()
         self.send_response(200 if self.path == "/readyz" else 404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self) -> None:
+        received = self.rfile.read(int(self.headers["Content-Length"]))
+        Handler.seen.append({"path": self.path, "bytes": len(received)})
+        body = json.dumps({"received": len(received), "type": self.headers.get("Content-Type")}).encode()
+        self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -264,6 +286,10 @@ def test_forwarding_forbidden_by_sshd_falls_back_to_the_nodes_python(
                 closed = s.getsockname()[1]
             with pytest.raises(Day2Error, match=r"cannot connect on the node: .*Connection refused"):
                 session.http("GET", f"http://127.0.0.1:{closed}/readyz")
+            # An image to edit: a body past the 128 KiB one command-line argument may hold.
+            big = {"init_images": ["A" * 600_000]}
+            answer = session.http("POST", f"{http_url}/sdapi/v1/img2img", body=big)
+            assert answer.json() == {"received": len(json.dumps(big)), "type": "application/json"}
     finally:
         strict.close()
 

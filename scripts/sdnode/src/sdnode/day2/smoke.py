@@ -1,5 +1,5 @@
 """`sdnode smoke` (and `make smoke`): one generation on every instance at once, each image checked and saved,
-then a grid."""
+then an image-to-image from it on the same instance (both paths a deploy serves), then a grid."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from sdnode.day2.service import Instance
 
 DEFAULT_PROMPT = "a lighthouse on a rocky coast at dawn, oil painting"
 DEFAULT_SEED = 42
+# How far the image-to-image step redraws the first image: enough to run half the steps.
+IMG2IMG_STRENGTH = 0.5
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -101,10 +103,28 @@ def error_detail(status: int, text: str) -> str:
     return f"HTTP {status}: {message}"
 
 
+def img2img_body(body: dict[str, Any], png: bytes) -> dict[str, Any]:
+    """The A1111 image-to-image request that redraws `png`, the answer to `body`, with the same prompt,
+    seed, size and steps."""
+    out = {
+        "prompt": body["prompt"],
+        "init_images": [base64.b64encode(png).decode()],
+        "denoising_strength": IMG2IMG_STRENGTH,
+        "seed": body["seed"],
+        "batch_size": 1,
+    }
+    if body.get("size"):
+        out["width"], out["height"] = parse_size(body["size"])
+    if body.get("steps") is not None:
+        out["steps"] = body["steps"]
+    return out
+
+
 def decode_png(payload: dict[str, Any], size: tuple[int, int] | None) -> tuple[bytes, Image.Image]:
-    """The first image of an images/generations answer, verified as a PNG of the asked size."""
+    """The first image of an images/generations answer (or an A1111 one's `images`), verified as a PNG
+    of the asked size."""
     try:
-        b64 = payload["data"][0]["b64_json"]
+        b64 = payload["images"][0] if "images" in payload else payload["data"][0]["b64_json"]
     except (KeyError, IndexError, TypeError):
         raise ValueError("the answer holds no data[0].b64_json") from None
     raw = base64.b64decode(b64, validate=True)
@@ -122,7 +142,9 @@ def generate(
 ) -> SmokeResult:
     node = session.node
     path = out_dir / f"{node.name}-{instance.index}.png"
-    path.unlink(missing_ok=True)  # an image left from an earlier run must not pass for this one
+    redrawn = out_dir / f"{node.name}-{instance.index}-img2img.png"
+    for old in (path, redrawn):
+        old.unlink(missing_ok=True)  # an image left from an earlier run must not pass for this one
     started = time.monotonic()
     size = parse_size(body["size"]) if body.get("size") else None
 
@@ -130,16 +152,20 @@ def generate(
         seconds = time.monotonic() - started
         return SmokeResult(node.name, instance.index, body["seed"], ok, seconds, detail, image)
 
-    try:
-        answer = session.http(
-            "POST", f"{instance.url}/v1/images/generations", token=token, body=body, timeout=timeout
-        )
+    def post(route: str, request: dict[str, Any]) -> tuple[bytes, Image.Image]:
+        answer = session.http("POST", f"{instance.url}{route}", token=token, body=request, timeout=timeout)
         if answer.status != 200:
             raise Day2Error(error_detail(answer.status, answer.text))
-        raw, image = decode_png(answer.json(), size)
+        return decode_png(answer.json(), size)
+
+    step = "text to image"
+    try:
+        raw, image = post("/v1/images/generations", body)
+        path.write_bytes(raw)
+        step = "image to image from it"
+        redrawn.write_bytes(post("/sdapi/v1/img2img", img2img_body(body, raw))[0])
     except Day2Error as exc:
-        return result(False, str(exc).removeprefix(f"{node.name}: "))
+        return result(False, f"{step}: {str(exc).removeprefix(f'{node.name}: ')}")
     except ValueError as exc:
-        return result(False, f"bad image: {exc}")
-    path.write_bytes(raw)
-    return result(True, str(path), image)
+        return result(False, f"{step}: bad image: {exc}")
+    return result(True, f"{path} (image to image: {redrawn.name})", image)
