@@ -34,8 +34,10 @@ $(SETUP_STAMP): $(CONTROLLER_LOCKS) service/pyproject.toml scripts/sdnode/pyproj
 	@echo "==> setup: controller virtualenv in $(VENV)"
 	@mkdir -p $(PIP_CACHE_DIR) 2>/dev/null || true
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --require-hashes $(addprefix -r ,$(CONTROLLER_LOCKS))
-	$(BIN)/python -m pip install --quiet --no-deps -e service -e scripts/sdnode
+	@# --no-compile: byte-compiling torch and friends up front was two thirds of this step; each module
+	@# is compiled (and cached) when first imported instead.
+	$(BIN)/python -m pip install --quiet --no-compile --require-hashes $(addprefix -r ,$(CONTROLLER_LOCKS))
+	$(BIN)/python -m pip install --quiet --no-compile --no-deps -e service -e scripts/sdnode
 	@touch $@
 
 host-setup: setup ## host packages the throwaway nodes and promtool need (root)
