@@ -6,7 +6,9 @@ CPU mode (the tiny random model; runs anywhere):
   2. the service over HTTP (a real `sdserve serve` process), one request at a time:
      p50/p95 latency and the overhead ratio service/direct at p50 (target: under 5%);
   3. 8 concurrent clients against the service (micro-batching on) vs the sequential direct
-     calls: images/s and the mean batch size the service formed.
+     calls: images/s and the mean batch size the service formed;
+  4. 1-3 again for image to image at one strength (--strength, default 0.5): diffusers'
+     img2img pipeline made with from_pipe against the service's /v1/images/edits without a mask.
 
 GPU mode (needs a CUDA device; the default when one is present):
   The SD 1.x architecture at 512x512 with random weights (the compute is the same as real
@@ -116,16 +118,49 @@ def post_image(client, url: str, size: str, steps: int, seed: int, scheduler: st
     return r.json()
 
 
-def concurrent_http(url: str, clients: int, per_client: int, size: str, steps: int, scheduler: str) -> dict:
-    """`clients` threads, each with its own connection, sending `per_client` requests back to back."""
+def post_edit(
+    client, url: str, png: bytes, size: str, steps: int, seed: int, scheduler: str, strength: float
+):
+    """Image to image through OpenAI's edits route (no mask: the whole image at `strength`)."""
+    data = {"prompt": PROMPT, "size": size, "steps": steps, "seed": seed, "scheduler": scheduler}
+    data |= {"strength": strength, "response_format": "b64_json"}
+    files = {"image": ("init.png", png, "image/png")}
+    r = client.post(
+        url + "/v1/images/edits", data={k: str(v) for k, v in data.items()}, files=files, timeout=600
+    )
+    r.raise_for_status()
+    return r.json()
+
+
+def init_png(w: int, h: int) -> tuple[object, bytes]:
+    """A smooth colour gradient as the image-to-image input: (PIL image, PNG bytes)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    x, y = np.meshgrid(np.linspace(0, 255, w), np.linspace(0, 255, h))
+    image = Image.fromarray(np.stack([x, y, 255 - x], axis=-1).astype(np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return image, buffer.getvalue()
+
+
+def concurrent_http(
+    url: str, clients: int, per_client: int, size: str, steps: int, scheduler: str, send=None
+) -> dict:
+    """`clients` threads, each with its own connection, sending `per_client` requests back to back
+    (`send(client, seed)`; default a text-to-image request)."""
     import httpx
+
+    send = send or (lambda client, seed: post_image(client, url, size, steps, seed, scheduler))
 
     def worker(c: int) -> list[float]:
         lat = []
         with httpx.Client() as client:
             for i in range(per_client):
                 t = time.perf_counter()
-                post_image(client, url, size, steps, 1000 * c + i, scheduler)
+                send(client, 1000 * c + i)
                 lat.append(time.perf_counter() - t)
         return lat
 
@@ -224,6 +259,20 @@ def run_cpu(args, workdir: Path) -> dict:
     def direct(seed: int) -> float:
         return timed_call(pipe, w, h, args.steps, seed, "cpu")
 
+    # Image to image from the same components (no second copy of the weights), as the service does.
+    from diffusers import AutoPipelineForImage2Image
+
+    i2i = AutoPipelineForImage2Image.from_pipe(pipe)
+    init, init_bytes = init_png(w, h)
+
+    def direct_i2i(seed: int) -> float:
+        import torch
+
+        t = time.perf_counter()
+        i2i(PROMPT, image=init, strength=args.strength, num_inference_steps=args.steps,
+            generator=torch.Generator("cpu").manual_seed(seed))  # fmt: skip
+        return time.perf_counter() - t
+
     env = {"SDSERVE_TORCH_THREADS": str(args.torch_threads)}
     serve_args = ["--device", "cpu", "--warmup-sizes", args.size, "--max-batch", str(args.max_batch)]
     serve_args += ["--queue-size", "64"]
@@ -243,7 +292,24 @@ def run_cpu(args, workdir: Path) -> dict:
         per_client = max(1, args.concurrent_images // args.clients)
         conc = concurrent_http(url, args.clients, per_client, args.size, args.steps, args.scheduler)
 
+        log(f"cpu: image to image at strength {args.strength}, direct and service, alternating")
+
+        def edit(c, seed: int) -> dict:
+            return post_edit(c, url, init_bytes, args.size, args.steps, seed, args.scheduler, args.strength)
+
+        direct_i2i(10_000)
+        edit(client, 10_000)
+        i2i_direct, i2i_service = [], []
+        for i in range(args.requests):
+            i2i_direct.append(direct_i2i(i))
+            t = time.perf_counter()
+            edit(client, i)
+            i2i_service.append(time.perf_counter() - t)
+        log(f"cpu: image to image, {args.clients} concurrent clients")
+        i2i_conc = concurrent_http(url, args.clients, per_client, args.size, args.steps, args.scheduler, edit)
+
     d, s = summary(direct_times), summary(service_times)
+    di, si = summary(i2i_direct), summary(i2i_service)
     direct_ips = 1 / d["mean_s"]
     return {
         "mode": "cpu",
@@ -259,6 +325,15 @@ def run_cpu(args, workdir: Path) -> dict:
         "service_concurrent": conc,
         "direct_images_per_s": direct_ips,
         "throughput_ratio": conc["images_per_s"] / direct_ips,
+        "img2img": {
+            "strength": args.strength,
+            "steps_run": int(args.steps * args.strength),
+            "direct_sequential": di,
+            "service_sequential": si,
+            "overhead_p50": si["p50_s"] / di["p50_s"] - 1,
+            "service_concurrent": i2i_conc,
+            "throughput_ratio": i2i_conc["images_per_s"] * di["mean_s"],
+        },
     }
 
 
@@ -278,6 +353,23 @@ def print_cpu(r: dict) -> None:
     print(f"service overhead at p50: {over50:+.1f}% (target < 5%); at p95: {over95:+.1f}%")
     ratio, batch = r["throughput_ratio"], c["mean_batch_size"]
     print(f"throughput, {c['clients']} clients vs sequential direct: {ratio:.2f}x (mean batch {batch:.2f})")
+    i = r["img2img"]
+    di, si, ic = i["direct_sequential"], i["service_sequential"], i["service_concurrent"]
+    print(
+        f"\nimage to image (edits, no mask), strength {i['strength']}: {i['steps_run']} of {r['steps']} steps"
+    )
+    rows = [
+        ("direct img2img pipeline, sequential", di["p50_s"], di["p95_s"], 1 / di["mean_s"]),
+        ("service over HTTP, sequential", si["p50_s"], si["p95_s"], 1 / si["mean_s"]),
+        (f"service, {ic['clients']} clients (batching)", ic["p50_s"], ic["p95_s"], ic["images_per_s"]),
+    ]
+    print(f"{'':34}{'p50 ms':>10}{'p95 ms':>10}{'images/s':>10}")
+    for label, p50, p95, ips in rows:
+        print(f"{label:34}{p50 * 1e3:10.1f}{p95 * 1e3:10.1f}{ips:10.2f}")
+    over, ratio = i["overhead_p50"] * 100, i["throughput_ratio"]
+    print(
+        f"service overhead at p50: {over:+.1f}%; {ic['clients']} clients vs sequential direct: {ratio:.2f}x"
+    )
 
 
 # ---------------------------------------------------------------------------- GPU mode
@@ -480,6 +572,7 @@ def main() -> int:
         "--scheduler", default="DPM++ 2M Karras", help="cpu mode (gpu mode uses PNDM as the original design)"
     )
     ap.add_argument("--requests", type=int, default=30, help="cpu: sequential requests per side")
+    ap.add_argument("--strength", type=float, default=0.5, help="cpu: image to image's strength")
     ap.add_argument("--plain-images", type=int, default=12, help="gpu: images for the plain pipeline")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--concurrent-images", type=int, help="images over all clients; default cpu 32, gpu 96")
