@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import httpx
-from conftest import FAST, Gate, wait_until
+from conftest import FAST, SIZE, Gate, wait_until
 
 from sdserve.keys import key_line
 
@@ -97,3 +97,49 @@ def test_jobs_belong_to_their_key(live, tmp_path):
     assert poll(server.url, job["id"], bearer(ALICE))["status"] == "succeeded"
     assert httpx.get(f"{server.url}/v1/jobs/{job['id']}", headers=bearer(BOB)).status_code == 404
     assert httpx.get(f"{server.url}/v1/jobs/{job['id']}").status_code == 401
+
+
+def test_a_running_jobs_progress_shows_its_newest_preview_when_asked(live, monkeypatch):
+    """The worker is held right after it hands the job a preview; meanwhile GET shows that preview
+    (with ?partial_image=true only), and the finished job no longer holds it."""
+    import base64
+    import io
+    import threading
+
+    from PIL import Image
+
+    from sdserve.jobs import Job
+
+    reached, release = threading.Event(), threading.Event()
+    keep, calls = Job.keep_partial, []
+
+    def held(self, image, index, picture):
+        keep(self, image, index, picture)
+        calls.append(index)
+        if index == 0:
+            reached.set()
+            release.wait(30)
+
+    monkeypatch.setattr(Job, "keep_partial", held)
+    server = live()
+    body = {"prompt": "x", "size": SIZE, "steps": 8, "seed": 3, "partial_images": 2}
+    job = httpx.post(server.url + "/v1/jobs", json=body).json()
+    try:
+        assert reached.wait(30)
+        url = f"{server.url}/v1/jobs/{job['id']}"
+        plain = httpx.get(url).json()
+        assert plain["status"] == "running" and "partial_image" not in plain["progress"]
+        shown = httpx.get(url, params={"partial_image": "true"}).json()["progress"]
+        assert shown["step"] < 8 and shown["partial_image"]["partial_image_index"] == 0
+        assert shown["partial_image"]["image_index"] == 0
+        image = Image.open(io.BytesIO(base64.b64decode(shown["partial_image"]["b64_json"])))
+        assert (image.format, image.size) == ("PNG", (64, 64))
+    finally:
+        release.set()
+    final = poll(server.url, job["id"])
+    assert final["status"] == "succeeded" and calls == [0, 1]
+    after = httpx.get(f"{server.url}/v1/jobs/{job['id']}", params={"partial_image": "true"}).json()
+    assert "partial_image" not in after["progress"]
+    # Without partial_images the engine makes no previews for a job.
+    bare = httpx.post(server.url + "/v1/jobs", json={"prompt": "x", **FAST}).json()
+    assert poll(server.url, bare["id"])["status"] == "succeeded" and calls == [0, 1]

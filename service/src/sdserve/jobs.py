@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 
 from .engine import GenRequest
 from .errors import EngineError, Problem
-from .generation import Generations, GenerationSpec, Image, new_id
+from .generation import Generations, GenerationSpec, Image, Partial, new_id
 from .settings import Settings
 
 log = logging.getLogger("sdserve.jobs")
@@ -21,10 +21,11 @@ Render = Callable[[list[Image]], Awaitable[dict]]
 
 
 class Job:
-    def __init__(self, owner: str, req: GenRequest) -> None:
+    def __init__(self, owner: str) -> None:
         self.id = new_id("job")
         self.owner = owner
-        self.req = req
+        self.req: GenRequest  # set when submitted, right after
+        self.latest: Partial | None = None  # the newest preview, while it runs (partial_images > 0)
         self.created = int(time.time())
         self.result: dict | None = None
         self.error: dict | None = None
@@ -39,7 +40,12 @@ class Job:
             return "cancelled" if self.error["code"] == "cancelled" else "failed"
         return "queued" if self.req.started_at is None else "running"
 
-    def view(self) -> dict:
+    def keep_partial(self, image: int, index: int, picture) -> None:
+        """The engine's preview callback (on its worker thread): swapping one reference is atomic."""
+        self.latest = Partial(image, index, picture)
+
+    def view(self, preview: tuple[Partial, str] | None = None) -> dict:
+        """The job as GET shows it; `preview`, a preview and its PNG in base64, goes in its progress."""
         r = self.req
         out = {
             "id": self.id,
@@ -54,6 +60,13 @@ class Job:
                 "fraction": round(r.progress, 4),
             },
         }
+        if preview is not None:
+            shown, b64 = preview
+            out["progress"]["partial_image"] = {
+                "b64_json": b64,
+                "image_index": shown.image,
+                "partial_image_index": shown.index,
+            }
         if self.result is not None:
             out["result"] = self.result
         if self.error is not None:
@@ -68,7 +81,10 @@ class JobStore:
         self._key_count = key_count
         self.jobs: dict[str, Job] = {}
 
-    def create(self, spec: GenerationSpec, key_name: str, request_id: str, render: Render) -> Job:
+    def create(
+        self, spec: GenerationSpec, key_name: str, request_id: str, render: Render, partials: int = 0
+    ) -> Job:
+        """Submit a job; with `partials`, the engine hands it that many previews an image as it runs."""
         self.expire()
         if len(self.jobs) >= self.settings.max_jobs:
             raise Problem(
@@ -89,7 +105,10 @@ class JobStore:
                     code="too_many_jobs_for_key",
                     headers={"Retry-After": "5"},
                 )
-        job = Job(key_name, self.generations.submit(spec, key_name, request_id))
+        job = Job(key_name)
+        job.req = self.generations.submit(
+            spec, key_name, request_id, partials, job.keep_partial if partials else None
+        )
         self.jobs[job.id] = job
         job.task = asyncio.ensure_future(self._finish(job, spec, render))
         return job
@@ -113,6 +132,7 @@ class JobStore:
             }
         finally:
             job.finished_at = time.monotonic()
+            job.latest = None  # the result holds the images now
 
     def get(self, job_id: str, key_name: str) -> Job:
         self.expire()

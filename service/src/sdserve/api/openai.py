@@ -71,7 +71,10 @@ class ImageGenerationRequest(RequestModel):
     )
     stream: bool = Field(False, description="Answer with server-sent events: previews, then each image.")
     partial_images: int | None = Field(
-        None, ge=0, le=3, description="Previews per image when streaming (fewer when the steps are few)."
+        None,
+        ge=0,
+        le=3,
+        description="Previews per image when streaming, or for a job's progress (fewer when the steps are few).",
     )
 
 
