@@ -210,3 +210,26 @@ def test_sdxl_img2img_and_inpainting_from_the_same_components(make_settings, sdx
         assert (kept[:24] == np.asarray(picture(2))[:24]).all()
     finally:
         e.drain(30)
+
+
+def test_line_wrapped_base64_decodes_as_a1111_takes_it():
+    import base64
+
+    from sdserve.inputs import b64_bytes
+
+    raw = bytes(range(256)) * 40
+    assert b64_bytes(base64.encodebytes(raw).decode(), "init_images.0") == raw  # wrapped at 76
+    assert b64_bytes("data:image/png;base64," + base64.b64encode(raw).decode(), "image") == raw
+
+
+def test_jpeg_and_webp_carry_a_long_infotext_cut_to_what_exif_holds():
+    import io
+
+    from sdserve.images import encode
+
+    long = "a castle " * 5000  # 45,000 characters: 90 kB of UTF-16, past JPEG's 64 KiB EXIF segment
+    for fmt in ("jpeg", "webp"):
+        out = Image.open(io.BytesIO(encode(Image.new("RGB", (8, 8)), long, fmt, 90)))
+        comment = out.getexif().get_ifd(0x8769)[0x9286]
+        assert out.format == fmt.upper() and comment.startswith(b"UNICODE\0" + "a castle".encode("utf-16-be"))
+        assert len(comment) <= 8 + 60_000

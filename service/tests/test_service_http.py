@@ -93,6 +93,42 @@ def test_auth_bearer_basic_none_wrong(live, keyfile):
     assert 'key="alice"' in text and KEY not in text
 
 
+# Health, the API's description, and kept images (their unguessable names are the credential).
+OPEN_ROUTES = {"/livez", "/readyz", "/healthz", "/openapi.json", "/docs", "/redoc", "/v1/images/files/{name}"}
+
+
+def test_every_route_but_health_wants_the_key(live, keyfile):
+    """Over the OpenAPI document, so a new route without the key check fails here: each operation,
+    called without a key and with a body it cannot use (an empty JSON object: not a form, no prompt),
+    answers 401, not 400 or 422. (Unparsable JSON is refused before any check, within the body limit.)"""
+    server = live(api_keys_file=keyfile)
+    paths = httpx.get(server.url + "/openapi.json").json()["paths"]
+    checked = []
+    for path, ops in paths.items():
+        if path in OPEN_ROUTES:
+            continue
+        for method in ops:
+            url = server.url + path.replace("{job_id}", "job-1-00").replace("{name}", "x.png")
+            r = httpx.request(method, url, content=b"{}", headers={"content-type": "application/json"})
+            assert r.status_code == 401, (method, path, r.status_code, r.text[:200])
+            checked.append(f"{method} {path}")
+    assert {"post /v1/images/edits", "post /sdapi/v1/img2img", "post /sdapi/v1/interrupt"} <= set(checked)
+
+
+def test_without_a_key_the_image_routes_take_only_the_small_body(live, keyfile):
+    """The image routes' larger limit is for callers with a key: a keyless 2 MB body is refused
+    before it is read, as on any other route; with the key it gets through to the route."""
+    server = live(api_keys_file=keyfile, max_body_bytes=1024 * 1024)
+    big = b"x" * (2 * 1024 * 1024)
+    multipart = {"content-type": "multipart/form-data; boundary=b"}
+    keyless = httpx.post(server.url + "/v1/images/edits", content=big, headers=multipart)
+    assert keyless.status_code == 413 and "SDSERVE_MAX_BODY_BYTES" in keyless.text, keyless.text
+    keyed = httpx.post(
+        server.url + "/v1/images/edits", content=big, headers={**multipart, "Authorization": f"Bearer {KEY}"}
+    )
+    assert keyed.status_code == 400 and keyed.json()["error"]["code"] == "invalid_form", keyed.text
+
+
 def test_key_file_reload(live, keyfile):
     server = live(api_keys_file=keyfile)
     keys = server.app.state.service.keys

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import __version__, openapi
 from .api import a1111, health, jobs
 from .api import openai as openai_api
+from .api.deps import key_in
 from .errors import Problem, error_body
 from .images import sweep_outputs
 from .logs import request_id as request_id_var
@@ -82,8 +83,13 @@ class RequestContext:
         rid = rid if _REQUEST_ID.match(rid) else uuid.uuid4().hex
         token = request_id_var.set(rid)
         scope.setdefault("state", {})["request_id"] = rid
-        # Routes that carry images (base64 or multipart) have their own, larger limit.
-        setting = "max_image_body_bytes" if scope["path"] in IMAGE_ROUTES else "max_body_bytes"
+        # Routes that carry images (base64 or multipart) have their own, larger limit, for a caller
+        # with a key: one without gets the small one, so it cannot make us hold images it may not send.
+        image_route = scope["path"] in IMAGE_ROUTES
+        if image_route and service.keys.enabled:
+            key = key_in(headers.get(b"authorization", b"").decode("latin-1"))
+            image_route = key is not None and service.keys.lookup(key) is not None
+        setting = "max_image_body_bytes" if image_route else "max_body_bytes"
         limit = getattr(service.settings, setting)
         read_timeout = service.settings.read_timeout_s
         status = {"code": 500}

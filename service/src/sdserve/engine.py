@@ -728,7 +728,9 @@ class Engine:
             seconds = time.perf_counter() - t
         finally:
             self.running, self.last_batch = None, batch
-            for r in distinct:  # an interrupt stops one batch; a request's later images still run
-                r.interrupted = False
+            with self._cond:  # together: an interrupt after this cannot mark the request's next batch
+                self._running = []
+                for r in distinct:  # an interrupt stops one batch; a request's later images still run
+                    r.interrupted = False
         nsfw = getattr(out, "nsfw_content_detected", None) or [False] * len(items)
         return out.images, [bool(x) for x in nsfw], seconds

@@ -55,6 +55,7 @@ def encode_png(image, parameters: str) -> bytes:
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 EXIF_IFD, USER_COMMENT = 0x8769, 0x9286
+EXIF_TEXT_BYTES = 60_000  # of UTF-16 text in UserComment: within JPEG's 64 KiB EXIF segment
 
 
 def encode(image, parameters: str, fmt: str = "png", quality: int | None = None) -> bytes:
@@ -63,7 +64,9 @@ def encode(image, parameters: str, fmt: str = "png", quality: int | None = None)
     if fmt == "png":
         return encode_png(image, parameters)
     exif = Image.Exif()
-    exif.get_ifd(EXIF_IFD)[USER_COMMENT] = b"UNICODE\0" + parameters.encode("utf-16-be")
+    # JPEG holds at most 64 KiB of EXIF: a longer text (a prompt near a raised MAX_PROMPT_CHARS) is cut.
+    comment = parameters.encode("utf-16-be")[: EXIF_TEXT_BYTES & ~1]
+    exif.get_ifd(EXIF_IFD)[USER_COMMENT] = b"UNICODE\0" + comment
     buf = io.BytesIO()
     image.save(buf, format=FORMATS[fmt], quality=100 if quality is None else quality, exif=exif)
     return buf.getvalue()

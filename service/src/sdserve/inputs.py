@@ -27,7 +27,8 @@ def b64_bytes(text: str, field: str) -> bytes:
         if not sep:
             raise Problem(f"{field}: a data URL without data", field)
     try:
-        return base64.b64decode(text, validate=True)
+        # Line-wrapped base64 (base64 -w76, openssl) is still base64, as A1111 takes it.
+        return base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError) as e:
         raise Problem(f"{field}: not valid base64 ({e})", field) from e
 

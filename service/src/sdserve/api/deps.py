@@ -43,7 +43,11 @@ _BASIC = _KeyScheme(
 
 
 def credentials(request: Request) -> str | None:
-    header = request.headers.get("authorization", "")
+    return key_in(request.headers.get("authorization", ""))
+
+
+def key_in(header: str) -> str | None:
+    """The key an Authorization header carries (Bearer, or Basic with the key as password)."""
     scheme, _, value = header.partition(" ")
     scheme = scheme.lower()
     if scheme == "bearer" and value.strip():

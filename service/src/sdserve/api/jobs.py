@@ -38,7 +38,7 @@ async def create_job(
     openapi_extra=EDIT_FORM,
 )
 async def create_edit_job(
-    form: Form, service: ServiceDep, key_name: KeyName, request_id: RequestId, base_url: PublicBase
+    key_name: KeyName, form: Form, service: ServiceDep, request_id: RequestId, base_url: PublicBase
 ):
     """An image edit as a job: the form of POST /v1/images/edits."""
     body, spec = await edit_spec(service, form)
@@ -58,7 +58,7 @@ def _create(service, body: ImageGenerationRequest, spec, key_name: str, request_
     return JSONResponse(job.view(), status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
-@router.get("/v1/jobs/{job_id}", responses=responses(401, 404))
+@router.get("/v1/jobs/{job_id}", responses=responses(401, 404, 422))
 async def get_job(job_id: str, service: ServiceDep, key_name: KeyName, partial_image: bool = False):
     """With `partial_image=true`, a running job created with `partial_images` shows its newest
     preview in `progress.partial_image` (PNG, base64), as a stream's partial_image events carry it."""

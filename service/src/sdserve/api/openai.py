@@ -302,7 +302,7 @@ def _edit_body(form: list[Part]) -> tuple[ImageEditRequest, bytes, bytes | None]
     openapi_extra=EDIT_FORM,
 )
 async def edits(
-    form: Form, service: ServiceDep, key_name: KeyName, request_id: RequestId, base_url: PublicBase,
+    key_name: KeyName, form: Form, service: ServiceDep, request_id: RequestId, base_url: PublicBase,
     request: Request,
 ):  # fmt: skip
     """Edit an image where its mask is transparent (inpainting: every other pixel is the image's),

@@ -234,8 +234,11 @@ class NodeSession:
         channel.settimeout(timeout)
         try:
             channel.exec_command(command)
-            channel.sendall(data)
-            channel.shutdown_write()
+            try:
+                channel.sendall(data)
+                channel.shutdown_write()
+            except OSError:
+                pass  # it stopped reading (it failed): its stderr and status below say why
             out = channel.makefile("rb").read()  # stderr is a line at most: its window never fills
             err = channel.makefile_stderr("rb").read()
             return channel.recv_exit_status(), out.decode(errors="replace"), err.decode(errors="replace")
