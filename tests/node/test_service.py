@@ -70,11 +70,12 @@ def api_key(node_vars) -> str:
     from sdnode.day2.service import api_key, generated_key_path  # the controller's package: not on a node
 
     host = node_vars["inventory_hostname"]
+    fleet = bool((node_vars.get("groups") or {}).get("sdgateways"))  # behind gateways: the fleet's keys
     if not node_vars.get("sd_service_api_keys"):
-        path = generated_key_path(STATE, host, node_vars)
+        path = generated_key_path(STATE, host, node_vars, fleet)
         assert path.is_file(), f"no key for this node on the controller at {path}"
         assert path.stat().st_mode & 0o777 == 0o600, f"{path} is not 0600"
-    return api_key(STATE, host, node_vars)
+    return api_key(STATE, host, node_vars, fleet=fleet)
 
 
 def test_service_account_is_a_system_user_without_login(host):

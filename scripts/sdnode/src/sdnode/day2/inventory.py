@@ -21,6 +21,7 @@ from sdnode.localinv import venv_tool
 from sdnode.state import find_repo_root
 
 GROUP = "sdnodes"
+GATEWAYS = "sdgateways"
 ACCELERATORS = ("nvidia", "cpu")
 INVENTORY_ENV = "SDNODE_INVENTORY"
 DEFAULT_INVENTORY = "inventory"
@@ -47,6 +48,8 @@ class Node:
     become: bool = False
     accelerator: str | None = None  # nvidia or cpu; None only for a host outside sdnodes (bootstrap)
     vars: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    # Behind gateways (the inventory has sdgateways hosts): the deploy generated fleet-wide keys.
+    fleet: bool = False
     inventory: str = field(default="", compare=False, repr=False)  # where it came from, to render vars
 
     def sudo(self, command: str) -> str:
@@ -212,7 +215,11 @@ def group_members(listing: dict[str, Any], group: str) -> set[str]:
 
 def nodes_from_listing(listing: dict[str, Any], group: str = GROUP) -> list[Node]:
     hostvars = (listing.get("_meta") or {}).get("hostvars") or {}
-    nodes = [node_from_vars(name, hostvars.get(name) or {}) for name in sorted(group_members(listing, group))]
+    fleet = bool(group_members(listing, GATEWAYS))
+    nodes = [
+        dataclasses.replace(node_from_vars(name, hostvars.get(name) or {}), fleet=fleet)
+        for name in sorted(group_members(listing, group))
+    ]
     for node in nodes:
         # No default: the roles would take a missing one as cpu, validate.yml refuses it; so does sdnode.
         if node.accelerator is None:

@@ -20,8 +20,9 @@ KEY_FILE = "/etc/sdserve/api-keys"
 REDEPLOY = "deploy it again (make deploy) so that it records its instances"
 
 
-def generated_key_path(state: Path, host: str, hostvars: Mapping[str, Any]) -> Path:
-    """Where the deploy keeps the key it generated for the first name in sd_service_generated_keys."""
+def generated_key_path(state: Path, host: str, hostvars: Mapping[str, Any], fleet: bool = False) -> Path:
+    """Where the deploy keeps the key it generated for the first name in sd_service_generated_keys: the
+    node's own, or in a fleet behind gateways the fleet's (sd_service_keys_owner)."""
     names = plain(
         host,
         "sd_service_generated_keys",
@@ -29,11 +30,15 @@ def generated_key_path(state: Path, host: str, hostvars: Mapping[str, Any]) -> P
     )
     if not isinstance(names, list) or not names or not isinstance(names[0], str):
         raise Day2Error(f"host {host}: sd_service_generated_keys must be a list of key names, got {names!r}")
-    return state / "api-keys" / f"{host}.{names[0]}.key"
+    return state / "api-keys" / f"{'fleet' if fleet else host}.{names[0]}.key"
 
 
 def api_key(
-    state: Path, host: str, hostvars: Mapping[str, Any], render: Callable[[str], Any] | None = None
+    state: Path,
+    host: str,
+    hostvars: Mapping[str, Any],
+    render: Callable[[str], Any] | None = None,
+    fleet: bool = False,
 ) -> str:
     """The API key sent to `host`'s instances, chosen as the deploy chose the keys it installed: the first of
     the inventory's sd_service_api_keys (Vault), else the key the deploy generated (generated_key_path).
@@ -48,7 +53,7 @@ def api_key(
         if not isinstance(key, str) or not key:
             raise Day2Error(f"host {host}: the first entry of sd_service_api_keys has no key")
         return key
-    path = generated_key_path(state, host, hostvars)
+    path = generated_key_path(state, host, hostvars, fleet)
     try:
         key = path.read_text().strip()
     except FileNotFoundError:
@@ -66,7 +71,7 @@ def api_key(
 def node_api_key(state: Path, node: Node) -> str:
     """api_key for an inventory node, rendering a templated or inline-vault key through Ansible."""
     render = functools.partial(rendered_var, node.inventory, node.name) if node.inventory else None
-    return api_key(state, node.name, node.vars, render)
+    return api_key(state, node.name, node.vars, render, node.fleet)
 
 
 def parse_driver(text: str) -> tuple[str, int]:
