@@ -21,9 +21,14 @@ def venv_tool(name: str) -> str:
 
 
 def build_inventory(
-    path: Path, nodes: list[str], group_vars: Path, host_vars: dict[str, dict] | None = None
+    path: Path,
+    nodes: list[str],
+    group_vars: Path,
+    host_vars: dict[str, dict] | None = None,
+    fleet: dict[str, list[str]] | None = None,
 ) -> Path:
-    """Write `path/hosts.yml` holding only `nodes`, with `group_vars` linked and optional host_vars."""
+    """Write `path/hosts.yml` holding only `nodes` (the sdnodes group), with `group_vars` linked and optional
+    host_vars. `fleet` adds groups of further running test nodes: {"sdgateways": [...], "sdmonitor": [...]}."""
     if path.exists():
         shutil.rmtree(path)
     path.mkdir(parents=True)
@@ -34,10 +39,16 @@ def build_inventory(
     data = yaml.safe_load(listing.read_text())
     listing.unlink()
     group = data["all"]["children"]["sdnodes"]
-    missing = [n for n in nodes if n not in (group.get("hosts") or {})]
+    running = group.get("hosts") or {}
+    others = {name: members for name, members in (fleet or {}).items() if members}
+    missing = sorted({n for n in nodes + [m for ms in others.values() for m in ms] if n not in running})
     if missing:
         raise RuntimeError(f"no running test node named {', '.join(missing)} (see `testnode list`)")
-    group["hosts"] = {n: group["hosts"][n] for n in nodes}
+    group["hosts"] = {n: running[n] for n in nodes}
+    for name, members in others.items():
+        # Only the connection: a gateway or monitor host serves nothing, so it declares no accelerator.
+        hosts = {m: {k: v for k, v in running[m].items() if k != "sdnode_accelerator"} for m in members}
+        data["all"]["children"][name] = {"hosts": {m: (None if m in nodes else hosts[m]) for m in members}}
     (path / "hosts.yml").write_text(yaml.safe_dump(data, sort_keys=False))
     (path / "group_vars").symlink_to(group_vars.resolve())
     if host_vars:
