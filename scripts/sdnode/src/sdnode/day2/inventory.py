@@ -21,7 +21,7 @@ from sdnode.localinv import venv_tool
 from sdnode.state import find_repo_root
 
 GROUP = "sdnodes"
-GATEWAYS = "sdgateways"
+GATEWAY_GROUP = "sdgateways"  # HAProxy in front of the sdnodes (issue #13); may be empty
 ACCELERATORS = ("nvidia", "cpu")
 INVENTORY_ENV = "SDNODE_INVENTORY"
 DEFAULT_INVENTORY = "inventory"
@@ -215,7 +215,7 @@ def group_members(listing: dict[str, Any], group: str) -> set[str]:
 
 def nodes_from_listing(listing: dict[str, Any], group: str = GROUP) -> list[Node]:
     hostvars = (listing.get("_meta") or {}).get("hostvars") or {}
-    fleet = bool(group_members(listing, GATEWAYS))
+    fleet = bool(group_members(listing, GATEWAY_GROUP))
     nodes = [
         dataclasses.replace(node_from_vars(name, hostvars.get(name) or {}), fleet=fleet)
         for name in sorted(group_members(listing, group))
@@ -317,6 +317,23 @@ def load_nodes(inventory: str, limit: str | None = None, group: str = GROUP) -> 
     if not nodes:
         raise no_hosts(inventory, limit, group)
     return nodes
+
+
+def load_fleet(inventory: str, limit: str | None = None) -> tuple[list[Node], list[Node]]:
+    """The serving nodes (narrowed by `--limit`, at least one) and the gateways (possibly none). The
+    gateways are never narrowed: `--limit` picks serving nodes, and their view is at every gateway."""
+    listing = ansible_inventory_list(inventory)
+    hostvars = (listing.get("_meta") or {}).get("hostvars") or {}
+    gateways = [
+        dataclasses.replace(node_from_vars(name, hostvars.get(name) or {}), inventory=inventory)
+        for name in sorted(group_members(listing, GATEWAY_GROUP))
+    ]
+    if limit:
+        return load_nodes(inventory, limit), gateways
+    nodes = [dataclasses.replace(node, inventory=inventory) for node in nodes_from_listing(listing)]
+    if not nodes:
+        raise no_hosts(inventory, limit, GROUP)
+    return nodes, gateways
 
 
 def find_host(inventory: str, host: str) -> Node | None:

@@ -161,6 +161,16 @@ class HTTPResult:
         return json.loads(self.body)
 
 
+def node_python(node: Node) -> str:
+    """The node's python3 for the small stdlib-only scripts sdnode runs there: the inventory's
+    ansible_python_interpreter when it names a path, else python3 (Ansible's auto-detection modes and
+    templates mean nothing outside a play)."""
+    python = str(node.vars.get("ansible_python_interpreter") or "python3")
+    if "{{" in python or python == "auto" or python.startswith("auto_"):
+        return "python3"
+    return python
+
+
 class NodeSession:
     """An open SSH connection to one node: commands, files and the service's HTTP API."""
 
@@ -308,9 +318,7 @@ class NodeSession:
             "timeout": timeout,
             "body": base64.b64encode(content).decode(),
         }
-        python = str(self.node.vars.get("ansible_python_interpreter") or "python3")
-        if "{{" in python or python == "auto" or python.startswith("auto_"):
-            python = "python3"
+        python = node_python(self.node)
         # On stdin, not in argv: an image to edit can be larger than one argument may be (128 KiB).
         command = shlex.join([python, "-c", _NODE_HTTP])
         rc, out, err = self.run_with_input(command, json.dumps(request).encode(), timeout=timeout + 15)
