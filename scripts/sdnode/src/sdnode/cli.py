@@ -28,8 +28,26 @@ from rich.table import Table
 
 from sdnode.day2 import Day2Error
 from sdnode.day2.bootstrap import bootstrap
+from sdnode.day2.gateway import (
+    BACKEND,
+    GatewayClient,
+    GatewayView,
+    ServerView,
+    gateway_view,
+    node_servers,
+    wait_idle,
+)
 from sdnode.day2.grid import make_grid
-from sdnode.day2.inventory import Node, default_inventory, find_host, host_names, load_nodes
+from sdnode.day2.inventory import (
+    GATEWAY_GROUP,
+    GROUP,
+    Node,
+    default_inventory,
+    find_host,
+    host_names,
+    load_fleet,
+    load_nodes,
+)
 from sdnode.day2.keys import fleet_key_path, generate_key_pair, read_public_key
 from sdnode.day2.manifest import DEFAULT_IGNORE, diff_manifests
 from sdnode.day2.metrics import fmt_number
@@ -206,14 +224,78 @@ def cmd_hosts(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def gateway_table(views: list[GatewayView], names: set[str]) -> Table:
+    """Every server of backend sdserve at every gateway, for the nodes shown (`names`)."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, title_justify="left")
+    table.title = f"gateways: backend {BACKEND}"
+    for column in ("GATEWAY", "SERVER", "STATE", "WEIGHT", "SESSIONS", "QUEUE", "CHECK", "WHY"):
+        table.add_column(
+            column,
+            no_wrap=column != "WHY",
+            justify="right" if column in ("WEIGHT", "SESSIONS", "QUEUE") else "left",
+        )
+    colour = {"UP": "green", "DRAIN": "yellow", "MAINT": "yellow", "NOLB": "yellow", "DOWN": "bold red"}
+    for view in views:
+        if view.error:
+            table.add_row(view.gateway, "-", "[bold red]unreachable[/]", "-", "-", "-", "-", "see below")
+            continue
+        for s in view.servers:
+            if s.node not in names:
+                continue
+            # UP with weight 0 (the agent's `up 0%`) takes no new requests: not green.
+            shown = colour.get(s.state, "bold red") if s.in_rotation or s.state != "UP" else "yellow"
+            table.add_row(
+                s.gateway,
+                s.server,
+                f"[{shown}]{s.state}[/]",
+                fmt_number(s.weight),
+                fmt_number(s.sessions),
+                fmt_number(s.queue),
+                s.check or "-",
+                s.why,
+            )
+    return table
+
+
+def rotation(views: list[GatewayView], node: str) -> tuple[bool | None, list[dict[str, Any]]]:
+    """(all of `node`'s servers in rotation at every gateway, None without gateways; its view at each)."""
+    if not views:
+        return None, []
+    entries: list[dict[str, Any]] = []
+    ok = True
+    for view in views:
+        if view.error:
+            entries.append({"gateway": view.gateway, "error": view.error})
+            ok = False
+            continue
+        servers = node_servers(view.servers, node)
+        if not servers:
+            entries.append({"gateway": view.gateway, "error": f"no server of {node} in backend {BACKEND}"})
+            ok = False
+        entries.extend(s.as_dict() for s in servers)
+        ok = ok and all(s.in_rotation for s in servers)
+    return ok, entries
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    nodes = load_nodes(args.inventory, args.limit)
+    nodes, gateways = load_fleet(args.inventory, args.limit)
     st = state()
-    results = parallel(lambda n: node_status(n, st), nodes)
+    # Nodes and gateways at once: each is its own SSH connection.
+    hosts = list(enumerate([*nodes, *gateways]))
+    found = parallel(lambda h: node_status(h[1], st) if h[0] < len(nodes) else gateway_view(h[1]), hosts)
+    results, views = found[: len(nodes)], found[len(nodes) :]
     unhealthy = [r for r in results if not r.healthy]
+    in_rotation = {r.node: rotation(views, r.node) for r in results}
+    out_of_rotation = [name for name, (ok, _) in in_rotation.items() if ok is False]
+    failed = unhealthy or out_of_rotation
     if args.json:
-        print(json.dumps([r.as_dict() for r in results], indent=2))
-        return EXIT_BAD if unhealthy else EXIT_OK
+        report = []
+        for r in results:
+            data = r.as_dict()
+            data["in_rotation"], data["gateways"] = in_rotation[r.node]
+            report.append(data)
+        print(json.dumps(report, indent=2))
+        return EXIT_BAD if failed else EXIT_OK
     out = console()
     out.print(status_table(results))
     for r in results:
@@ -229,7 +311,142 @@ def cmd_status(args: argparse.Namespace) -> int:
         if not unhealthy
         else f"[bold red]{summary}[/]: {', '.join(r.node for r in unhealthy)}"
     )
-    return EXIT_BAD if unhealthy else EXIT_OK
+    if views:
+        show_gateways(out, views, results, out_of_rotation)
+    return EXIT_BAD if failed else EXIT_OK
+
+
+def show_gateways(
+    out: Console, views: list[GatewayView], results: list[Any], out_of_rotation: list[str]
+) -> None:
+    names = {r.node for r in results}
+    out.print()
+    out.print(gateway_table(views, names))
+    for view in views:
+        if view.error:
+            out.print(f"[bold red]{view.gateway}[/]: {view.error}")
+            continue
+        for name in sorted(names - {s.node for s in view.servers}):
+            out.print(f"[bold red]{view.gateway}[/]: no server of {name} in backend {BACKEND}")
+    where = f"{len(views)} gateway{'s' if len(views) != 1 else ''}"
+    summary = (
+        f"{len(names) - len(out_of_rotation)}/{len(names)} node{'s' if len(names) != 1 else ''} "
+        f"in rotation at {where}"
+    )
+    out.print(
+        f"[green]{summary}[/]"
+        if not out_of_rotation
+        else f"[bold red]{summary}[/]: {', '.join(out_of_rotation)}"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# drain / undrain
+
+
+def server_list(servers: list[ServerView], limit: int = 8) -> str:
+    names = [s.server for s in servers]
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def admin_state(args: argparse.Namespace, state: str) -> int:
+    """`set server sdserve/<NODE>_<i> state <state>` for each of NODE's servers at every gateway. Every
+    gateway is read first: an unknown node, a gateway without its servers or out of reach stops the
+    command before anything changes."""
+    node = args.node
+    if args.limit:
+        raise Day2Error(f"{'drain' if state == 'drain' else 'undrain'} takes one NODE, not --limit")
+    nodes, gateways = load_fleet(args.inventory)
+    verb = "drain" if state == "drain" else "undrain"
+    if node not in {n.name for n in nodes}:
+        raise Day2Error(f"{node} is not a host of group {GROUP} in inventory {args.inventory}")
+    if not gateways:
+        raise Day2Error(
+            f"no host in group {GATEWAY_GROUP} in inventory {args.inventory}: no gateway to {verb} {node} at"
+        )
+
+    def prepare(gateway: Node) -> tuple[Node, GatewayClient | None, list[ServerView], str]:
+        try:
+            session = NodeSession(gateway).open()
+        except Day2Error as exc:
+            return gateway, None, [], str(exc)
+        client = GatewayClient(session)
+        try:
+            everyone = client.servers()
+        except Day2Error as exc:
+            session.close()
+            return gateway, None, [], str(exc)
+        servers = node_servers(everyone, node)
+        if not servers:
+            session.close()
+            there = f"its servers: {server_list(everyone)}" if everyone else "it has none"
+            return gateway, None, [], f"{gateway.name}: no server of {node} in backend {BACKEND} ({there})"
+        return gateway, client, servers, ""
+
+    prepared = parallel(prepare, gateways)
+    try:
+        errors = [error for *_, error in prepared if error]
+        if errors:
+            for error in errors:
+                print(f"sdnode: error: {error}", file=sys.stderr)
+            print(f"sdnode: {node}: nothing changed at any gateway", file=sys.stderr)
+            return EXIT_ERROR
+
+        def act(item: tuple[Node, GatewayClient | None, list[ServerView], str]) -> tuple[str, int]:
+            gateway, client, before, _ = item
+            assert client is not None
+            try:
+                client.set_state([s.server for s in before], state)
+                if state == "drain" and args.wait:
+                    after, waited, idle = wait_idle(client, node, args.timeout)
+                else:
+                    after, waited, idle = node_servers(client.servers(), node), 0.0, None
+            except Day2Error as exc:
+                return f"{exc}", EXIT_ERROR
+            was = {s.server: s.state for s in before}
+            moves = ", ".join(f"{s.server} {was.get(s.server, '?')} -> {s.state}" for s in after)
+            sessions, queued = sum(s.sessions or 0 for s in after), sum(s.queue or 0 for s in after)
+            load = f"{sessions} session{'s' if sessions != 1 else ''}, {queued} queued"
+            if state == "ready":
+                out = [s for s in after if not s.in_rotation]
+                if out:
+                    why = "; ".join(f"{s.server}: {s.why or s.status}" for s in out)
+                    return f"{gateway.name}: {moves}; not in rotation: {why}", EXIT_BAD
+                return f"{gateway.name}: {moves}; in rotation", EXIT_OK
+            if idle is None:
+                return f"{gateway.name}: {moves}; {load} now (not waiting)", EXIT_OK
+            if idle:
+                return (
+                    f"{gateway.name}: {moves}; no sessions and nothing queued after {waited:.1f} s",
+                    EXIT_OK,
+                )
+            return f"{gateway.name}: {moves}; still {load} after {waited:.1f} s (--timeout)", EXIT_BAD
+
+        outcomes = parallel(act, prepared)
+    finally:
+        for _, client, *_ in prepared:
+            if client is not None:
+                client.session.close()
+    for line, code in outcomes:
+        if code == EXIT_ERROR:
+            print(f"sdnode: error: {line}", file=sys.stderr)
+        else:
+            print(line)
+    worst = max(code for _, code in outcomes)
+    done = sum(code != EXIT_ERROR for _, code in outcomes)
+    what = "drained" if state == "drain" else "set ready"
+    print(f"{node}: {what} at {done}/{len(outcomes)} gateway{'s' if len(outcomes) != 1 else ''}")
+    return worst
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    if args.timeout <= 0:
+        raise Day2Error("--timeout must be above 0 seconds")
+    return admin_state(args, "drain")
+
+
+def cmd_undrain(args: argparse.Namespace) -> int:
+    return admin_state(args, "ready")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -561,6 +778,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "drain",
+        parents=[common],
+        help="take NODE out of rotation at every gateway (HAProxy state drain), then wait for its work",
+    )
+    p.add_argument("node", metavar="NODE", help="an inventory host of group sdnodes")
+    p.add_argument(
+        "--no-wait",
+        dest="wait",
+        action="store_false",
+        help="return once drained, without waiting for its sessions and queue to empty",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=300,
+        help="seconds to wait for no sessions and no queue at each gateway (default: 300; exit 1 past it)",
+    )
+    p.set_defaults(func=cmd_drain)
+
+    p = sub.add_parser(
+        "undrain", parents=[common], help="put NODE back in rotation at every gateway (HAProxy state ready)"
+    )
+    p.add_argument("node", metavar="NODE", help="an inventory host of group sdnodes")
+    p.set_defaults(func=cmd_undrain)
 
     p = sub.add_parser(
         "logs", parents=[common], help="the sdserve@* journal of one or all nodes, prefixed with the host"
