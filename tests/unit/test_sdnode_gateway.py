@@ -25,28 +25,32 @@ from sdnode.day2.gateway import ADMIN_SOCKET, classify, parse_show_stat, server_
 from sdnode.day2.keys import generate_key_pair
 from test_sdnode_cli_ssh import FakeSSHD, Server, load
 
-# `show stat` header of HAProxy 2.6 (v2.6.0: src/stats.c stat_fields, then the "-" that ends the
-# static fields, then the ssl and h2 modules' fields); every line ends with a comma, as HAProxy's do.
+# `show stat` header as HAProxy 2.6 writes it, recorded from Debian 12's haproxy 2.6.12-1+deb12u4:
+# the static fields (2.6.0's, with agg_server_status and agg_check_status backported), the "-" that
+# ends them, then the ssl, h2 and h1 modules' fields. Every line ends with a comma, as HAProxy's do.
 HEADER_2_6 = (
     "# pxname,svname,qcur,qmax,scur,smax,slim,stot,bin,bout,dreq,dresp,ereq,econ,eresp,wretr,wredis,"
-    "status,weight,act,bck,chkfail,chkdown,lastchg,downtime,qlimit,pid,iid,sid,throttle,lbtot,tracked,"
-    "type,rate,rate_lim,rate_max,check_status,check_code,check_duration,hrsp_1xx,hrsp_2xx,hrsp_3xx,"
-    "hrsp_4xx,hrsp_5xx,hrsp_other,hanafail,req_rate,req_rate_max,req_tot,cli_abrt,srv_abrt,comp_in,"
-    "comp_out,comp_byp,comp_rsp,lastsess,last_chk,last_agt,qtime,ctime,rtime,ttime,agent_status,"
-    "agent_code,agent_duration,check_desc,agent_desc,check_rise,check_fall,check_health,agent_rise,"
-    "agent_fall,agent_health,addr,cookie,mode,algo,conn_rate,conn_rate_max,conn_tot,intercepted,dcon,"
-    "dses,wrew,connect,reuse,cache_lookups,cache_hits,srv_icur,src_ilim,qtime_max,ctime_max,rtime_max,"
-    "ttime_max,eint,idle_conn_cur,safe_conn_cur,used_conn_cur,need_conn_est,uweight,"
-    "agg_server_check_status,-,ssl_sess,ssl_reused_sess,ssl_failed_handshake,h2_headers_rcvd,"
-    "h2_data_rcvd,h2_settings_rcvd,h2_rst_stream_rcvd,h2_goaway_rcvd,h2_detected_conn_protocol_errors,"
-    "h2_detected_strm_protocol_errors,h2_rst_stream_resp,h2_goaway_resp,h2_open_connections,"
-    "h2_backend_open_streams,h2_total_connections,h2_backend_total_streams,"
+    "status,weight,act,bck,chkfail,chkdown,lastchg,downtime,qlimit,pid,iid,sid,throttle,lbtot,"
+    "tracked,type,rate,rate_lim,rate_max,check_status,check_code,check_duration,hrsp_1xx,hrsp_2xx,"
+    "hrsp_3xx,hrsp_4xx,hrsp_5xx,hrsp_other,hanafail,req_rate,req_rate_max,req_tot,cli_abrt,srv_abrt,"
+    "comp_in,comp_out,comp_byp,comp_rsp,lastsess,last_chk,last_agt,qtime,ctime,rtime,ttime,"
+    "agent_status,agent_code,agent_duration,check_desc,agent_desc,check_rise,check_fall,check_health,"
+    "agent_rise,agent_fall,agent_health,addr,cookie,mode,algo,conn_rate,conn_rate_max,conn_tot,"
+    "intercepted,dcon,dses,wrew,connect,reuse,cache_lookups,cache_hits,srv_icur,src_ilim,qtime_max,"
+    "ctime_max,rtime_max,ttime_max,eint,idle_conn_cur,safe_conn_cur,used_conn_cur,need_conn_est,"
+    "uweight,agg_server_status,agg_server_check_status,agg_check_status,-,ssl_sess,ssl_reused_sess,"
+    "ssl_failed_handshake,h2_headers_rcvd,h2_data_rcvd,h2_settings_rcvd,h2_rst_stream_rcvd,"
+    "h2_goaway_rcvd,h2_detected_conn_protocol_errors,h2_detected_strm_protocol_errors,"
+    "h2_rst_stream_resp,h2_goaway_resp,h2_open_connections,h2_backend_open_streams,"
+    "h2_total_connections,h2_backend_total_streams,h1_open_connections,h1_open_streams,"
+    "h1_total_connections,h1_total_streams,h1_bytes_in,h1_bytes_out,h1_spliced_bytes_in,"
+    "h1_spliced_bytes_out,"
 )
 COLUMNS = HEADER_2_6[2:].split(",")
 
 
 def test_the_recorded_header_is_haproxy_2_6s() -> None:
-    assert len(COLUMNS) == 101 + 1 + 3 + 13 + 1  # static fields, "-", ssl, h2, the trailing comma's ""
+    assert len(COLUMNS) == 103 + 1 + 3 + 13 + 8 + 1  # static fields, "-", ssl, h2, h1, the final comma's ""
     assert COLUMNS[:8] == ["pxname", "svname", "qcur", "qmax", "scur", "smax", "slim", "stot"]
     assert COLUMNS.index("uweight") == 99  # as numbered in 2.6's management guide, section 9.1
     assert (COLUMNS.index("status"), COLUMNS.index("weight"), COLUMNS.index("check_status")) == (17, 18, 36)
@@ -131,8 +135,8 @@ class FakeHAProxy:
                     type=2,
                     check_status="L7OK" if b.healthy else "L7STS",
                     check_code=200 if b.healthy else 503,
-                    last_chk="OK" if b.healthy else "HTTP status check returned code <3C>503<3E>",
-                    last_agt=f"up {b.weight * 100}%",
+                    last_chk="" if b.healthy else "Service Unavailable",
+                    last_agt="via agent : up",  # what 2.6.12 records for `up 0%` and `up 100%` alike
                     agent_status="L7OK",
                 )
             )
