@@ -23,7 +23,7 @@ CHECK_INVENTORY  = $(BIN)/sdnode hosts -i $(INVENTORY) >/dev/null
 CONTROLLER_LOCKS := service/requirements/cpu-py311.txt ansible/requirements.txt
 SETUP_STAMP      := $(VENV)/.sdnode-setup
 
-.PHONY: help setup host-setup lint test test-fast unit integration demo demo-clean deploy smoke verify rollback lock gpu-bundle
+.PHONY: help setup host-setup lint test test-fast unit integration demo demo-clean demo-fleet demo-fleet-clean deploy smoke verify rollback lock gpu-bundle
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 14
@@ -71,6 +71,13 @@ demo: host-setup ## the main job on a local throwaway node (OS=ubuntu-22.04|ubun
 
 demo-clean: setup ## remove the demo node (the same OS=)
 	$(BIN)/python -m sdnode.demo --clean --os $(OS)
+
+demo-fleet: export SDNODE_MAKE_STARTED := $(shell date +%s.%N)
+demo-fleet: host-setup ## two serving nodes behind a gateway with monitoring, on local throwaway nodes
+	$(BIN)/python -m sdnode.demo_fleet
+
+demo-fleet-clean: setup ## remove the demo fleet's nodes
+	$(BIN)/python -m sdnode.demo_fleet --clean
 
 deploy: setup ## site.yml against INVENTORY
 	$(CHECK_INVENTORY)

@@ -27,8 +27,9 @@ def build_inventory(
     host_vars: dict[str, dict] | None = None,
     fleet: dict[str, list[str]] | None = None,
 ) -> Path:
-    """Write `path/hosts.yml` holding only `nodes` (the sdnodes group), with `group_vars` linked and optional
-    host_vars. `fleet` adds groups of further running test nodes: {"sdgateways": [...], "sdmonitor": [...]}."""
+    """Write `path/hosts.yml` holding only `nodes` (the sdnodes group), with `group_vars` linked and
+    optional host_vars. `fleet` adds groups of further running test nodes:
+    {"sdgateways": [...], "sdmonitor": [...]}."""
     if path.exists():
         shutil.rmtree(path)
     path.mkdir(parents=True)

@@ -310,10 +310,12 @@ def host_names(inventory: str, limit: str | None = None, group: str = GROUP) -> 
 
 def load_nodes(inventory: str, limit: str | None = None, group: str = GROUP) -> list[Node]:
     """The nodes of `group` in `inventory`, narrowed by an Ansible `--limit` pattern; at least one."""
-    nodes = [
-        dataclasses.replace(node, inventory=inventory)
-        for node in nodes_from_listing(ansible_inventory_list(inventory, limit), group)
-    ]
+    listing = ansible_inventory_list(inventory)
+    nodes = [dataclasses.replace(node, inventory=inventory) for node in nodes_from_listing(listing, group)]
+    if limit:
+        # Narrowed by Ansible's own pattern rules; the whole listing still tells whether there are gateways.
+        picked = group_members(ansible_inventory_list(inventory, limit), group)
+        nodes = [node for node in nodes if node.name in picked]
     if not nodes:
         raise no_hosts(inventory, limit, group)
     return nodes
