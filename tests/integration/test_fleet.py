@@ -1,0 +1,313 @@
+"""The fleet (issue #13), from `make demo-fleet` to losing a node, on three throwaway nodes: two serving
+nodes and one gateway-plus-monitor host.
+
+- `make demo-fleet` builds it; a second run changes nothing; endpoints.json's URLs answer from here,
+  through the real `openai` client over the gateway's TLS.
+- Keys are checked on the nodes behind the gateway; the nodes admit their service ports from the
+  gateway and the monitor only.
+- Under continuous load (sdnode.loadgen: bounded, no pause, to the test nodes only):
+  (a) a rolling deploy that restarts every instance fails no request;
+  (b) `sdnode drain`/`undrain` move the traffic and fail nothing;
+  (c) a killed instance costs only the requests in flight on it, the gateway stops sending to it,
+      and it rejoins once ready.
+- Deploying a setting change to every node at once vs to one node: measured, printed, kept in
+  .sdnode/logs/fleet-figures.json (no timed assertion).
+- The testinfra checks of every host (`make verify`) and of the monitoring: every scrape target up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from sdnode.loadgen import Load, Summary
+
+from .conftest import (
+    LOGS,
+    REPO,
+    STATE,
+    PlaybookRun,
+    TestNodes,
+    _recorded,
+    ansible_playbook,
+    assert_converged,
+    assert_pytest_passes,
+    explain,
+    sdnode,
+)
+
+pytestmark = pytest.mark.integration
+
+NODES = ("fleet1", "fleet2")
+GATEWAY = "fleetgw"
+FIGURES = LOGS / "fleet-figures.json"
+# The gateway's checks (sd_gateway defaults): out after `fall` failed checks `inter` apart, each
+# allowed `timeout check`.
+CHECK_WINDOW_S = 2 * 1.0 + 2.0
+
+
+@dataclass
+class Fleet:
+    endpoints: dict[str, str]
+    inventory: Path
+    first: PlaybookRun
+    second: PlaybookRun
+
+    @property
+    def key(self) -> str:
+        return Path(self.endpoints["api_key_file"]).read_text().strip()
+
+    def load(self, **kw) -> Load:
+        return Load(self.endpoints["gateway_url"], self.key, ca_file=self.endpoints["ca_file"], **kw)
+
+
+def record(name: str, figures: dict) -> None:
+    """Keep a measurement with the run's logs and show it in pytest's output."""
+    LOGS.mkdir(parents=True, exist_ok=True)
+    found = json.loads(FIGURES.read_text()) if FIGURES.exists() else {}
+    found[name] = figures
+    FIGURES.write_text(json.dumps(found, indent=2))
+    print(f"[fleet] {name}: {json.dumps(figures)}")
+
+
+def server_states(inventory: Path) -> dict[str, str]:
+    """Each gateway server's state as `sdnode status --json` reports it: {"fleet1_0": "UP", ...}."""
+    proc = sdnode("status", "-i", str(inventory), "--json")
+    states = {}
+    for node in json.loads(proc.stdout):
+        for server in node.get("gateways", []):
+            states[server["server"]] = server["state"]
+    assert states, explain(proc)
+    return states
+
+
+def last_change_s(testnodes: TestNodes, server: str) -> int:
+    """Seconds since `server` of backend sdserve last changed state, from the gateway's `show stat`."""
+    script = (
+        "import csv, socket; s = socket.socket(socket.AF_UNIX); s.connect('/run/haproxy/admin.sock'); "
+        "s.sendall(b'show stat\\n'); d = b''.join(iter(lambda: s.recv(65536), b'')).decode(); "
+        "print([r['lastchg'] for r in csv.DictReader(d.lstrip('# ').splitlines()) "
+        f"if r['svname'] == '{server}'][0])"
+    )
+    return int(testnodes.ssh(GATEWAY, f'python3 -c "{script}"').stdout.strip())
+
+
+def wait_for(predicate, seconds: float, what: str):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.25)
+    pytest.fail(f"not within {seconds:.0f} s: {what}")
+
+
+@pytest.fixture(scope="module")
+def fleet(testnodes: TestNodes, tiny_model: Path) -> Iterator[Fleet]:
+    """`make demo-fleet` twice, as the README shows it; the nodes are the session's to take down."""
+    for name in (*NODES, GATEWAY):
+        if name not in testnodes.started:
+            testnodes.started.append(name)
+    first = _recorded(["make", "--no-print-directory", "demo-fleet"], "demo-fleet", 2400)
+    assert_converged(first)
+    second = _recorded(["make", "--no-print-directory", "demo-fleet"], "demo-fleet-again", 1200)
+    assert_converged(second)
+    endpoints = json.loads((STATE / "demo-fleet" / "endpoints.json").read_text())
+    yield Fleet(endpoints, Path(endpoints["inventory"]), first, second)
+
+
+def test_a_second_demo_fleet_changes_nothing(fleet: Fleet) -> None:
+    assert set(fleet.second.recap) >= {*NODES, GATEWAY}, fleet.second.explain()
+    assert fleet.second.changed == 0, f"changed: {fleet.second.changed_tasks()}\n{fleet.second.explain()}"
+
+
+def test_endpoints_answer_from_the_controller(fleet: Fleet) -> None:
+    found = fleet.endpoints
+    assert set(found) >= {"gateway_url", "api_key_file", "prometheus_url", "inventory", "ca_file"}
+    assert Path(found["api_key_file"]).stat().st_mode & 0o777 == 0o600
+    # The real openai client, unchanged, over the gateway's TLS (verified against the kit's CA).
+    client = openai.OpenAI(
+        base_url=found["gateway_url"] + "/v1",
+        api_key=fleet.key,
+        http_client=httpx.Client(verify=found["ca_file"]),
+    )
+    result = client.images.generate(prompt="a lighthouse", size="64x64", n=2, response_format="b64_json")
+    assert len(result.data) == 2 and all(d.b64_json for d in result.data)
+    user, _, password = Path(found["prometheus_basic_auth_file"]).read_text().strip().partition(":")
+    up = httpx.get(found["prometheus_url"] + "/api/v1/query", params={"query": "up"}, auth=(user, password))
+    assert up.status_code == 200 and up.json()["status"] == "success", up.text
+
+
+def test_keys_are_checked_on_the_nodes_behind_the_gateway(fleet: Fleet) -> None:
+    with httpx.Client(verify=fleet.endpoints["ca_file"]) as http:
+        url = fleet.endpoints["gateway_url"] + "/v1/models"
+        refused = http.get(url)
+        wrong = http.get(url, headers={"Authorization": "Bearer not-a-key-of-this-fleet"})
+        served = {http.get(url, headers={"Authorization": f"Bearer {fleet.key}"}).headers["X-SDNode-Server"]
+                  for _ in range(6)}  # fmt: skip
+    for response in (refused, wrong):
+        assert response.status_code == 401, response.text
+        assert response.headers["X-SDNode-Server"] in {f"{n}_0" for n in NODES}  # the node said no
+        assert response.json()["error"]
+    # One fleet-wide key: both nodes take it (leastconn with nothing in flight alternates).
+    assert served == {f"{n}_0" for n in NODES}
+
+
+def test_nodes_admit_the_service_only_from_the_gateway(fleet: Fleet, testnodes: TestNodes) -> None:
+    listing = json.loads(
+        subprocess.run(
+            [str(REPO / ".venv/bin/ansible-inventory"), "-i", str(fleet.inventory), "--list"],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    )["_meta"]["hostvars"]  # fmt: skip
+    for node in NODES:
+        node_address = listing[node]["ansible_host"]
+        with pytest.raises(OSError):  # dropped by the node's firewall: the connect times out
+            socket.create_connection((node_address, 7860), timeout=3).close()
+        probe = testnodes.ssh(
+            GATEWAY,
+            f"python3 -c \"import urllib.request as u; print(u.urlopen('http://{node_address}:7860/readyz').status)\"",
+        )
+        assert probe.stdout.strip() == "200", probe.stderr
+
+
+def test_a_rolling_deploy_under_load_fails_no_request(fleet: Fleet) -> None:
+    load = fleet.load(clients=4, max_requests=20000, max_seconds=900).start()
+    time.sleep(2)
+    run = ansible_playbook(
+        "deploy.yml",
+        fleet.inventory,
+        extra_vars={"sd_service_settings": {"BATCH_WAIT_MS": 7}, "sdnode_serial": 1},
+        label="fleet-rolling-deploy",
+    )
+    time.sleep(2)
+    summary = load.stop()
+    assert_converged(run)
+    # Every instance restarted, one node at a time, each drained at the gateway first.
+    for node in NODES:
+        assert run.recap[node]["changed"] > 0, run.explain()
+    assert run.output.count("Take the instances out at every gateway and wait") == len(NODES), run.explain()
+    record("rolling_deploy_under_load", summary_figures(summary) | {"deploy_s": round(run.seconds, 1)})
+    assert summary.failed == 0, summary.failures[:10]
+    assert summary.sent > 100 and set(summary.by_server) == {f"{n}_0" for n in NODES}, summary.line()
+
+
+def test_drain_and_undrain_move_the_traffic_and_fail_nothing(fleet: Fleet) -> None:
+    inv = str(fleet.inventory)
+    load = fleet.load(clients=4, max_requests=20000, max_seconds=300).start()
+    try:
+        time.sleep(2)
+        drained = sdnode("drain", NODES[0], "-i", inv)
+        assert drained.returncode == 0, explain(drained)
+        after_drain = time.monotonic()
+        time.sleep(4)
+        undrained = sdnode("undrain", NODES[0], "-i", inv)
+        assert undrained.returncode == 0, explain(undrained)
+        back = time.monotonic()
+        time.sleep(4)
+    finally:
+        summary = load.stop()
+    assert summary.failed == 0, summary.failures[:10]
+    while_out = [s for s in load.samples if s.started > after_drain and s.ended < back]
+    assert while_out and all(s.server == f"{NODES[1]}_0" for s in while_out), {s.server for s in while_out}
+    assert any(s.server == f"{NODES[0]}_0" for s in load.samples if s.started > back + 1)
+
+
+def test_a_killed_instance_costs_only_its_requests_in_flight(fleet: Fleet, testnodes: TestNodes) -> None:
+    victim = f"{NODES[1]}_0"
+    load = fleet.load(clients=6, max_requests=20000, max_seconds=300).start()
+    try:
+        time.sleep(3)
+        before_kill = time.monotonic()
+        testnodes.ssh(NODES[1], "systemctl kill --signal=SIGKILL sdserve@0.service")
+        killed = time.monotonic()
+        wait_for(lambda: not server_states(fleet.inventory)[victim].startswith("UP"), 30, f"{victim} out")
+        # When HAProxy itself took it out: its `lastchg`, seconds since the server's last state change.
+        out = time.monotonic() - last_change_s(testnodes, victim)
+        # systemd restarts it (Restart=on-failure); the gateway puts it back once /readyz answers.
+        wait_for(lambda: server_states(fleet.inventory)[victim] == "UP", 180, f"{victim} back in rotation")
+        back = time.monotonic()
+        time.sleep(3)
+    finally:
+        summary = load.stop()
+    failures = [s for s in load.samples if not s.ok]
+    record(
+        "killed_instance",
+        summary_figures(summary)
+        | {"out_of_rotation_after_s": round(out - killed, 2), "back_after_s": round(back - killed, 1)},
+    )
+    # Only what was in flight on it when it died: started before the kill returned, answered by it (or by
+    # the gateway on its behalf), and no more than it runs at once.
+    assert all(s.started <= killed for s in failures), [f for f in summary.failures if f["started"]]
+    assert {s.server for s in failures} <= {victim}, summary.failures[:10]
+    assert len(failures) <= 8, summary.failures  # its maxconn: MAX_BATCH
+    # Out of rotation within its check window (lastchg counts whole seconds, hence the 1 s), and back.
+    assert out - before_kill <= CHECK_WINDOW_S + 1, out - before_kill
+    assert any(s.server == victim and s.ok for s in load.samples if s.started > back), summary.line()
+
+
+def test_deploying_to_every_node_at_once_vs_one(fleet: Fleet) -> None:
+    """A setting change that restarts every instance: one node, then both with serial unset (all)."""
+    one = ansible_playbook(
+        "deploy.yml",
+        fleet.inventory,
+        extra_vars={"sd_service_settings": {"BATCH_WAIT_MS": 6}},
+        limit=NODES[0],
+        label="fleet-deploy-one",
+    )
+    assert_converged(one)
+    every = ansible_playbook(
+        "deploy.yml",
+        fleet.inventory,
+        extra_vars={"sd_service_settings": {"BATCH_WAIT_MS": 5}, "sdnode_serial": "100%"},
+        label="fleet-deploy-all",
+    )
+    assert_converged(every)
+    assert all(every.recap[n]["changed"] > 0 for n in NODES), every.explain()
+    record(
+        "deploy_all_vs_one",
+        {"one_node_s": round(one.seconds, 1), "all_nodes_s": round(every.seconds, 1),
+         "ratio": round(every.seconds / one.seconds, 2)},
+    )  # fmt: skip
+
+
+def test_every_host_and_the_monitoring_verify(fleet: Fleet) -> None:
+    """The testinfra suites: every serving node's, then the monitoring's on every host (all targets up)."""
+    inv = str(fleet.inventory)
+    assert_pytest_passes(["make", "verify", f"INVENTORY={inv}"])
+    out = assert_pytest_passes(
+        [str(REPO / ".venv/bin/pytest"), "-p", "no:cacheprovider", "-v", "tests/node/test_monitor.py",
+         "--hosts=ansible://sdnodes:sdgateways:sdmonitor", f"--ansible-inventory={inv}"]
+    )  # fmt: skip
+    assert "test_every_target_is_up" in out and " skipped" not in out.splitlines()[-1], out[-2000:]
+
+
+def test_demo_fleet_clean_removes_the_fleet(fleet: Fleet, testnodes: TestNodes) -> None:
+    if os.environ.get("SDNODE_KEEP_NODES") == "1":
+        pytest.skip("SDNODE_KEEP_NODES=1 keeps the fleet")
+    proc = subprocess.run(["make", "--no-print-directory", "demo-fleet-clean"], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    listed = subprocess.run([str(REPO / ".venv/bin/testnode"), "list"], capture_output=True, text=True).stdout
+    assert not {line.split()[0] for line in listed.splitlines()[1:] if line.strip()} & {*NODES, GATEWAY}
+    assert not (STATE / "demo-fleet" / "endpoints.json").exists()
+
+
+def summary_figures(summary: Summary) -> dict:
+    return {
+        "sent": summary.sent,
+        "failed": summary.failed,
+        "p50_s": round(summary.p50_s, 3),
+        "p95_s": round(summary.p95_s, 3),
+        "seconds": round(summary.seconds, 1),
+        "by_instance": summary.by_server,
+    }
