@@ -180,6 +180,7 @@ def test_full_queue_answers_429_with_retry_after(live):
         gate.open()
         assert [f.result().status_code for f in (running, *queued)] == [200, 200, 200]
     assert server.metric("sdserve_rejected_total") == 1
+    assert server.metric("sdserve_queue_limit") == 2  # saturation: sdserve_queue_depth / this
 
 
 def test_batching_under_concurrent_load_keeps_per_seed_images(live):

@@ -420,7 +420,7 @@ class Engine:
             if self.state != EngineState.READY:
                 self.metrics.rejected.labels("not_ready").inc()
                 raise NotReady(f"the model is not ready yet (state: {self.state})")
-            if len(self._queue) >= self.settings.queue_size:
+            if self.queue_full:
                 self.metrics.rejected.labels("queue_full").inc()
                 raise QueueFull(
                     f"the queue is full ({self.settings.queue_size} requests waiting, "
@@ -463,6 +463,11 @@ class Engine:
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def queue_full(self) -> bool:
+        """A new request would be refused with 429 (QueueFull)."""
+        return len(self._queue) >= self.settings.queue_size
 
     @property
     def busy(self) -> bool:

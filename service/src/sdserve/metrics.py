@@ -79,6 +79,9 @@ class Metrics:
             "sdserve_request_seconds", "HTTP request duration", ["route"], buckets=_SECONDS, registry=r
         )
         self.queue_depth = Gauge("sdserve_queue_depth", "Requests waiting for the worker", registry=r)
+        self.queue_limit = Gauge(
+            "sdserve_queue_limit", "Most requests that may wait (QUEUE_SIZE); beyond it 429", registry=r
+        )
         self.batch_size = Histogram(
             "sdserve_batch_size",
             "Images per pipeline call",
@@ -124,6 +127,7 @@ class Metrics:
 
     def watch_engine(self, engine) -> None:
         self.queue_depth.set_function(lambda: engine.queue_depth)
+        self.queue_limit.set(engine.settings.queue_size)
         self.ready.set_function(lambda: 1 if engine.ready else 0)
 
     def watch_keys(self, keys) -> None:
