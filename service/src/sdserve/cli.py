@@ -85,7 +85,11 @@ def cmd_serve(args: argparse.Namespace, names: list[str]) -> int:
     # shutdown end with status 0.
     signal.signal(signal.SIGTERM, lambda *_: None)
     signal.signal(signal.SIGINT, lambda *_: None)
-    server.run()
+    try:
+        server.run()
+    except StartupRefused as e:  # the agent check's port (AGENT_PORT) cannot be had
+        print(f"sdserve: {e}", file=sys.stderr)
+        return 2
     if engine.state == "failed":
         print(f"sdserve: start-up failed: {engine.error}", file=sys.stderr)
         return 1

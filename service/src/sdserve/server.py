@@ -6,6 +6,9 @@
 - An idle keep-alive connection closes after IDLE_TIMEOUT_S.
 - SIGTERM begins the service's drain at once, while uvicorn stops accepting and waits for the
   connections in flight, so that the drain timeout counts from the signal.
+- With AGENT_PORT, HAProxy's agent check (agent.py) listens on the same host, in the same event loop,
+  from before the app starts (the model is not loaded when its port is taken) until the connections
+  are done, so that the gateway hears `up 0%` for the whole drain.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import asyncio
 import uvicorn
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+from .agent import agent_listener
 from .settings import Settings
 
 # Most seconds a stop takes past DRAIN_TIMEOUT_S; systemd's TimeoutStopSec is the drain plus this.
@@ -59,6 +63,10 @@ def header_deadline_protocol(base: type[asyncio.Protocol], seconds: float) -> ty
 
 class Server(uvicorn.Server):
     """uvicorn's server; its shutdown starts the service's drain before waiting for connections."""
+
+    async def serve(self, sockets=None) -> None:
+        async with agent_listener(self.config.app.state.service, self.config.host):
+            await super().serve(sockets)
 
     async def shutdown(self, sockets=None) -> None:
         self.config.app.state.service.drain()

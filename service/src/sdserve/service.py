@@ -59,6 +59,11 @@ class Service:
         """The model's own size, for requests that give none (512x512 until a model is loaded)."""
         return self.engine.model.native_size if self.engine.model else (512, 512)
 
+    @property
+    def draining(self) -> bool:
+        """The drain has begun (SIGTERM): new work is refused from now on."""
+        return self._drain is not None
+
     def drain(self) -> asyncio.Future:
         """Stop serving (SIGTERM): refuse new work at once, let queued and running work finish for
         up to DRAIN_TIMEOUT_S, then answer what is left 503 and stop the worker at its next step.

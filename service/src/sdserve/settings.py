@@ -84,6 +84,13 @@ class Settings(BaseSettings):
         "127.0.0.1", description="Listen address. Without API keys only a loopback address is allowed."
     )
     port: int = Field(7860, ge=0, le=65535)
+    agent_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Port on HOST for HAProxy's agent check: one line a connection, `up 100%`, `up 0%` "
+        "(draining, or the queue full) or `down` (not ready); 0: off.",
+    )
     api_keys_file: Path | None = Field(
         None, description="File of key hashes, `sha256:<hex> <name>` a line; re-read on SIGHUP."
     )
@@ -236,6 +243,8 @@ class Settings(BaseSettings):
     def _limits(self) -> Settings:
         if self.default_steps > self.max_steps:
             raise ValueError(f"default_steps ({self.default_steps}) is above max_steps ({self.max_steps})")
+        if self.agent_port and self.agent_port == self.port:
+            raise ValueError(f"agent_port ({self.agent_port}) is the HTTP port; give it a port of its own")
         if self.max_pixels < 64 * 64:
             raise ValueError("max_pixels must allow one 64x64 image")
         if self.max_jobs_per_key > self.max_jobs:
