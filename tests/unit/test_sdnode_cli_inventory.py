@@ -164,6 +164,19 @@ def test_load_nodes_through_ansible_inventory(tmp_path: Path) -> None:
     assert [n.name for n in load_nodes(str(tmp_path), limit="n2")] == ["n2"]
 
 
+def test_nodes_behind_gateways_use_the_fleets_generated_key_even_when_limited(tmp_path: Path) -> None:
+    (tmp_path / "hosts.yml").write_text(HOSTS_YML)
+    assert not any(n.fleet for n in load_nodes(str(tmp_path)))
+    (tmp_path / "hosts.yml").write_text(HOSTS_YML + "    sdgateways:\n      hosts:\n        gw1: {}\n")
+    limited = load_nodes(str(tmp_path), limit="n2")  # --limit leaves the gateways out of the listing
+    assert [(n.name, n.fleet) for n in limited] == [("n2", True)]
+    keys = tmp_path / "state" / "api-keys"
+    keys.mkdir(parents=True)
+    (keys / "n2.default.key").write_text("the-node-s-own-key-0000\n")
+    (keys / "fleet.default.key").write_text("the-fleet-s-key-000000\n")
+    assert node_api_key(tmp_path / "state", limited[0]) == "the-fleet-s-key-000000"
+
+
 def test_limit_matching_nothing_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "hosts.yml").write_text(HOSTS_YML)
     with pytest.raises(Day2Error, match="no host in group sdnodes matching --limit 'x1'"):
