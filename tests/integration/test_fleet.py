@@ -6,7 +6,7 @@ nodes and one gateway-plus-monitor host.
 - Keys are checked on the nodes behind the gateway; the nodes admit their service ports from the
   gateway and the monitor only.
 - Under continuous load (sdnode.loadgen: bounded, no pause, to the test nodes only):
-  (a) a rolling deploy that restarts every instance fails no request;
+  (a) a rolling deploy that restarts every instance fails no request, nor does a reboot in provision;
   (b) `sdnode drain`/`undrain` move the traffic and fail nothing;
   (c) a killed instance costs only the requests in flight on it, the gateway stops sending to it,
       and it rejoins once ready.
@@ -199,6 +199,24 @@ def test_a_rolling_deploy_under_load_fails_no_request(fleet: Fleet) -> None:
     record("rolling_deploy_under_load", summary_figures(summary) | {"deploy_s": round(run.seconds, 1)})
     assert summary.failed == 0, summary.failures[:10]
     assert summary.sent > 100 and set(summary.by_server) == {f"{n}_0" for n in NODES}, summary.line()
+
+
+def test_a_reboot_in_provision_under_load_fails_no_request(fleet: Fleet, testnodes: TestNodes) -> None:
+    """base reboots a node that asks for it after an upgrade: drained at the gateway first, back once
+    ready."""
+    testnodes.ssh(NODES[0], "touch /var/run/reboot-required")
+    load = fleet.load(clients=4, max_requests=20000, max_seconds=600).start()
+    time.sleep(2)
+    run = ansible_playbook(
+        "provision.yml", fleet.inventory, limit=NODES[0], tags="base", label="fleet-reboot"
+    )
+    time.sleep(2)
+    summary = load.stop()
+    assert_converged(run)
+    assert "changed: [fleet1]" in run.output.split("Reboot and wait for the node", 1)[1][:600], run.explain()
+    record("reboot_under_load", summary_figures(summary) | {"provision_s": round(run.seconds, 1)})
+    assert summary.failed == 0, summary.failures[:10]
+    assert any(s.server == f"{NODES[0]}_0" for s in load.samples if s.started > load.started + run.seconds)
 
 
 def test_drain_and_undrain_move_the_traffic_and_fail_nothing(fleet: Fleet) -> None:
