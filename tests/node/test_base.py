@@ -253,8 +253,21 @@ def test_firewall_drops_input_by_default(host) -> None:
     assert host.service("nftables").is_enabled
 
 
-def test_firewall_admits_ssh_and_service_only_from_allowed_networks(host, node_vars) -> None:
-    allowed = resolved(host, node_vars, "base_firewall_allowed_networks")
+def fleet_clients(request, node_vars: dict) -> list[str] | None:
+    """Behind gateways, the addresses of the gateways and monitors (the only hosts the service ports
+    admit), from the same inventory; None without gateways."""
+    groups = node_vars.get("groups") or {}
+    if not groups.get("sdgateways"):
+        return None
+    from testinfra.utils.ansible_runner import AnsibleRunner
+
+    runner = AnsibleRunner(request.config.getoption("ansible_inventory"))
+    names = sorted(set(groups["sdgateways"]) | set(groups.get("sdmonitor", [])))
+    return sorted({str(runner.get_variables(n).get("ansible_host", n)) for n in names})
+
+
+def test_firewall_admits_ssh_and_service_only_from_allowed_networks(host, node_vars, request) -> None:
+    allowed = fleet_clients(request, node_vars) or resolved(host, node_vars, "base_firewall_allowed_networks")
     ssh_allowed = resolved(host, node_vars, "base_firewall_ssh_allowed_networks")
     assert ssh_allowed, "base_firewall_ssh_allowed_networks is empty: SSH would be closed to everyone"
     for family in (4, 6):
@@ -264,8 +277,10 @@ def test_firewall_admits_ssh_and_service_only_from_allowed_networks(host, node_v
         chain = host.check_output("nft list chain inet sdnode_filter input")
     port = base(node_vars, "base_sshd_port")
     assert f"tcp dport {port} ip saddr @ssh_allowed_v4 accept" in chain, chain
-    assert re.search(r"tcp dport \S+ ip saddr @service_allowed_v4 accept", chain), chain
-    # Nothing else is accepted from anywhere: every accept rule on a TCP port names an allowed set.
+    assert re.search(r"tcp dport (\S+|\{ [^}]+ \}) ip saddr @service_allowed_v4 accept", chain), chain
+    # Nothing else is accepted from anywhere: every accept rule on a TCP port names an allowed set, or
+    # (a fleet's exporter ports) the monitors' addresses.
+    monitors = fleet_clients(request, node_vars) or []
     open_to_all = [
         line.strip()
         for line in chain.splitlines()
@@ -273,6 +288,11 @@ def test_firewall_admits_ssh_and_service_only_from_allowed_networks(host, node_v
         and "accept" in line
         and "@ssh_allowed" not in line
         and "@service_allowed" not in line
+        and not (
+            monitors
+            and re.search(r"ip6? saddr (\{ )?[0-9a-f.:, ]+( \})? accept comment", line)
+            and all(a in monitors for a in re.findall(r"[0-9]+(?:\.[0-9]+){3}", line.split("saddr")[1]))
+        )
     ]
     assert open_to_all == base(node_vars, "base_firewall_extra_input_rules"), open_to_all
 
@@ -283,8 +303,11 @@ def test_service_ports_are_open_in_the_firewall(host, node_vars) -> None:
     ports = node_vars.get("sdnode_service_ports")
     base_port = int(node_vars.get("sd_service_port_base", 7860))
     if ports is None:
+        # The instances' range, and the same shifted for their HAProxy agents.
         count = base(node_vars, "base_firewall_service_port_count")
-        expected = f"{base_port}-{base_port + count - 1}"
+        shift = int(node_vars.get("sdnode_agent_port_offset", 100))
+        last = base_port + count - 1
+        expected = f"{base_port}-{last}, {base_port + shift}-{last + shift}"
     else:
         expected = ", ".join(str(p) for p in ports)
     assert re.search(rf"tcp dport \{{? ?{re.escape(expected)} ?\}}? ip saddr @service_allowed_v4", chain), (
