@@ -28,7 +28,6 @@ ROLE = "sd_monitor"
 STATE = Path(os.environ.get("SDNODE_STATE_DIR", REPO / ".sdnode"))
 RULES = REPO / "roles" / ROLE / "files" / "prometheus" / "rules"
 RULES_DIR = "/etc/prometheus/rules.sdnode"
-JOBS = ("sdserve", "haproxy", "node", "dcgm")
 
 
 def fact(node_vars: dict, name: str, role: str = ROLE):
@@ -96,7 +95,9 @@ def test_monitor_services_run_and_start_at_boot(host, monitor, unit: str) -> Non
     assert service.is_running and service.is_enabled
 
 
-def test_prometheus_listens_on_the_host_address_and_alertmanager_on_loopback(host, node_vars, monitor) -> None:
+def test_prometheus_listens_on_the_host_address_and_alertmanager_on_loopback(
+    host, node_vars, monitor
+) -> None:
     port = fact(node_vars, "sdnode_prometheus_port", "sdnode")
     address = address_of(node_vars, "sd_monitor_prometheus_listen_address")
     am_port = fact(node_vars, "sd_monitor_alertmanager_port")
@@ -209,7 +210,9 @@ def test_every_target_is_up(prometheus, groups) -> None:
     down = [(t["labels"]["instance"], t["health"], t["lastError"]) for t in targets if t["health"] != "up"]
     assert not down, down
     nodes = {t["labels"]["node"] for t in targets if t["labels"]["job"] == "node"}
-    assert nodes == set(groups.get("sdnodes", []) + groups.get("sdgateways", []) + groups.get("sdmonitor", []))
+    assert nodes == set(
+        groups.get("sdnodes", []) + groups.get("sdgateways", []) + groups.get("sdmonitor", [])
+    )
     gateways = {t["labels"]["node"] for t in targets if t["labels"]["job"] == "haproxy"}
     assert gateways == set(groups.get("sdgateways", []))
     serving = {t["labels"]["node"] for t in targets if t["labels"]["job"] == "sdserve"}
@@ -246,7 +249,9 @@ def test_the_roles_rules_are_loaded(prometheus) -> None:
 def test_prometheus_sends_alerts_to_its_alertmanager(prometheus, node_vars) -> None:
     _, body = prometheus("/api/v1/alertmanagers")
     port = fact(node_vars, "sd_monitor_alertmanager_port")
-    assert [a["url"] for a in body["data"]["activeAlertmanagers"]] == [f"http://127.0.0.1:{port}/api/v2/alerts"]
+    assert [a["url"] for a in body["data"]["activeAlertmanagers"]] == [
+        f"http://127.0.0.1:{port}/api/v2/alerts"
+    ]
 
 
 def test_alertmanager_routes_to_the_inventory_receiver(host, node_vars, monitor) -> None:
