@@ -52,7 +52,9 @@ def test_sdnode_lines_in_the_readme_parse() -> None:
 TYPES = {"int": int, "bool": bool, "str": str, "path": str, "list": list, "dict": dict, "float": (int, float)}
 
 
-@pytest.mark.parametrize("role", ["base", "nvidia_driver", "python_env", "model_cache", "sd_service"])
+@pytest.mark.parametrize(
+    "role", ["base", "nvidia_driver", "python_env", "model_cache", "sd_service", "sd_monitor"]
+)
 def test_defaults_and_argument_specs_agree(role: str) -> None:
     """defaults/main.yml is the one source of a role's defaults; its argument spec types the same
     variables and repeats no default. A variable left undefined on purpose is shown commented out."""
