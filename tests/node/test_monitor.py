@@ -35,10 +35,12 @@ def fact(node_vars: dict, name: str, role: str = ROLE):
 
 
 def address_of(variables: dict, name: str = "sd_monitor_exporter_address") -> str:
-    """An address variable as the role resolves it by default: the inventory's, else ansible_host."""
-    value = variables.get(name)
-    if not value or "{{" in str(value):
-        value = variables.get("ansible_host", variables.get("inventory_hostname"))
+    """An address variable as the role resolves it by default: the inventory's, else the host's
+    sdnode_fleet_address, else ansible_host."""
+    for value in (variables.get(name), variables.get("sdnode_fleet_address")):
+        if value and "{{" not in str(value):
+            return str(value)
+    value = variables.get("ansible_host", variables.get("inventory_hostname"))
     return str(value)
 
 
