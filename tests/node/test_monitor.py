@@ -1,11 +1,14 @@
 """sd_monitor as deployed: node_exporter on every host, Prometheus and Alertmanager on the monitors.
 
-    pytest tests/node/test_monitor.py --hosts='ansible://sdnodes:sdgateways:sdmonitor' --ansible-inventory=INV
+    pytest tests/node/test_monitor.py --hosts=ansible://sdmonitor --ansible-inventory=INV   # none skips
+    pytest tests/node/test_monitor.py --hosts=ansible://all --ansible-inventory=INV         # every host
 
-Which checks apply follows the inventory: the exporter checks run on every host of an inventory that
-has sdmonitor hosts (the monitor playbook puts node_exporter everywhere then), the monitor checks on
-the hosts of sdmonitor. The HTTP checks of Prometheus run from here, the controller, the way an
-operator reaches it: its address, basic auth with the controller's password file.
+(testinfra matches a host pattern with fnmatch against group and host names, so Ansible's
+`sdnodes:sdgateways:sdmonitor` matches nothing.) Which checks apply follows the inventory: the
+exporter checks run on every host of an inventory that has sdmonitor hosts (the monitor playbook puts
+node_exporter everywhere then), the monitor checks on the hosts of sdmonitor. The HTTP checks of
+Prometheus run from here, the controller, the way an operator reaches it: its address, basic auth
+with the controller's password file.
 """
 
 from __future__ import annotations
