@@ -86,9 +86,12 @@ deploy: setup ## site.yml against INVENTORY
 smoke: setup ## sdnode smoke $(SMOKE_ARGS): one generation per instance, PNGs and grid.png in .sdnode/smoke
 	$(BIN)/sdnode smoke -i $(INVENTORY) $(SMOKE_ARGS)
 
-verify: setup ## the testinfra suite against INVENTORY
+verify: setup ## the testinfra suite against INVENTORY (and its monitor hosts, if any)
 	$(CHECK_INVENTORY)
 	$(BIN)/pytest -p no:cacheprovider -v tests/node --hosts=ansible://sdnodes --ansible-inventory=$(INVENTORY)
+	@# The monitoring's own checks (Prometheus, every target up) where the inventory has sdmonitor hosts.
+	if $(BIN)/ansible-inventory -i $(INVENTORY) --graph sdmonitor 2>/dev/null | grep -q -- "--[^@]"; then \
+	  $(BIN)/pytest -p no:cacheprovider -v tests/node/test_monitor.py --hosts=ansible://sdmonitor --ansible-inventory=$(INVENTORY); fi
 
 rollback: setup ## go back one release on every node of INVENTORY
 	$(CHECK_INVENTORY)
