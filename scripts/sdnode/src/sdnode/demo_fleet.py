@@ -15,6 +15,7 @@ import concurrent.futures
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -53,11 +54,15 @@ def check(found: dict[str, str]) -> tuple[str, str]:
         png = base64.b64decode(response.json()["data"][0]["b64_json"])
         served = response.headers.get("X-SDNode-Server", "?")
     user, _, password = Path(found["prometheus_basic_auth_file"]).read_text().strip().partition(":")
-    targets = httpx.get(
-        found["prometheus_url"] + "/api/v1/targets", auth=(user, password), timeout=30
-    ).raise_for_status()
-    active = targets.json()["data"]["activeTargets"]
-    up = sum(t["health"] == "up" for t in active)
+    # A Prometheus just (re)started has not scraped yet: wait for its first round, a minute at most.
+    deadline = time.monotonic() + 60
+    while True:
+        targets = httpx.get(found["prometheus_url"] + "/api/v1/targets", auth=(user, password), timeout=30)
+        active = targets.raise_for_status().json()["data"]["activeTargets"]
+        up = sum(t["health"] == "up" for t in active)
+        if (active and up == len(active)) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     return (
         f"gateway: a {len(png)}-byte PNG through {found['gateway_url']}, served by {served}",
         f"prometheus: {up}/{len(active)} targets up at {found['prometheus_url']}",
