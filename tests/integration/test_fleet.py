@@ -4,7 +4,7 @@ nodes and one gateway-plus-monitor host.
 - `make demo-fleet` builds it; a second run changes nothing; endpoints.json's URLs answer from here,
   through the real `openai` client over the gateway's TLS.
 - Keys are checked on the nodes behind the gateway; the nodes admit their service ports from the
-  gateway and the monitor only.
+  gateway and the monitor only; past the queue timeout the gateway answers 503 with Retry-After.
 - Under continuous load (sdnode.loadgen: bounded, no pause, to the test nodes only):
   (a) a rolling deploy that restarts every instance fails no request, nor does a reboot in provision;
   (b) `sdnode drain`/`undrain` move the traffic and fail nothing;
@@ -17,6 +17,7 @@ nodes and one gateway-plus-monitor host.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import socket
@@ -274,6 +275,36 @@ def test_a_killed_instance_costs_only_its_requests_in_flight(fleet: Fleet, testn
     # Out of rotation within its check window (lastchg counts whole seconds, hence the 1 s), and back.
     assert out - before_kill <= CHECK_WINDOW_S + 1, out - before_kill
     assert any(s.server == victim and s.ok for s in load.samples if s.started > back), summary.line()
+
+
+def test_requests_past_the_queue_timeout_get_503_with_retry_after(fleet: Fleet) -> None:
+    """One request per instance at a time and a 1 s queue: the rest wait, then get the gateway's 503."""
+    tight = ansible_playbook(
+        "gateway.yml",
+        fleet.inventory,
+        extra_vars={"sd_gateway_queue_timeout": 1, "sd_gateway_server_maxconn": 1},
+        label="fleet-gateway-tight",
+    )
+    assert_converged(tight)
+    try:
+        with httpx.Client(verify=fleet.endpoints["ca_file"], timeout=60) as http:
+
+            def one(_: int) -> httpx.Response:
+                return http.post(
+                    fleet.endpoints["gateway_url"] + "/sdapi/v1/txt2img",
+                    headers={"Authorization": f"Bearer {fleet.key}"},
+                    json={"prompt": "queue", "steps": 40, "width": 64, "height": 64},
+                )
+
+            with concurrent.futures.ThreadPoolExecutor(12) as pool:
+                answers = list(pool.map(one, range(12)))
+    finally:
+        assert_converged(ansible_playbook("gateway.yml", fleet.inventory, label="fleet-gateway-back"))
+    refused = [a for a in answers if a.status_code != 200]
+    assert refused and len(refused) < len(answers), [a.status_code for a in answers]
+    for answer in refused:
+        assert answer.status_code == 503 and answer.headers["Retry-After"] == "10", answer.text
+        assert answer.json()["error"]["code"] == "overloaded"
 
 
 def test_deploying_to_every_node_at_once_vs_one(fleet: Fleet) -> None:
