@@ -50,6 +50,12 @@ def set_up_seconds() -> float | None:
         return None
 
 
+def phases_after_setup() -> Phases:
+    """The phases of a demo, opened with the set-up make's prerequisites took (when run from make)."""
+    phases = phases_after_setup()
+    return phases
+
+
 def run(argv: list[str], cwd: Path) -> None:
     proc = subprocess.run(argv, cwd=cwd)
     if proc.returncode != 0:
@@ -75,10 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"demo node {node} removed; controller state stays in {state}")
         return
 
-    phases = Phases()
-    setup = set_up_seconds()
-    if setup is not None:
-        phases.timings.append(("set-up: controller venv and host packages (make setup, host-setup)", setup))
+    phases = phases_after_setup()
     with phases.phase(f"throwaway node '{node}' ({TITLES[args.os]}, systemd-nspawn)"):
         run([venv_tool("testnode"), "up", node, "--os", args.os], repo)
     with phases.phase("tiny random Stable Diffusion model on the controller"):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from sdnode.demo import Phases, run, set_up_seconds
+from sdnode.demo import phases_after_setup, run
 from sdnode.localinv import build_inventory, venv_tool
 from sdnode.state import find_repo_root, state_dir
 
@@ -85,10 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"demo fleet {', '.join(names)} removed; controller state stays in {state}")
         return
 
-    phases = Phases()
-    setup = set_up_seconds()
-    if setup is not None:
-        phases.timings.append(("controller venv and host packages (make's prerequisites)", setup))
+    phases = phases_after_setup()
     with phases.phase(f"three throwaway nodes: {', '.join(NODES)} serving, {GATEWAY} gateway and monitor"):
         with concurrent.futures.ThreadPoolExecutor(len(names)) as pool:
             codes = list(
