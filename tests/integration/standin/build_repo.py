@@ -7,7 +7,9 @@ The pool (built .debs and the signing key) is reused while packages.yml is uncha
 the driver versions to offer (all when --driver is not given), so a test can add a newer version later
 and exercise the upgrade path. The stand-in cuda-keyring carries this repository's public key at the
 path the real one uses, so the role's Signed-By trust is exercised for real, and a sources list pointing
-at NVIDIA (which the role must divert away, or apt update fails here).
+at NVIDIA (which the role must divert away, or apt update fails here). The DCGM stand-ins (packages.yml
+`dcgm`) carry small scripts and units from dcgm/ under the real paths; the exporter's script gets the
+"<dcgm>-<exporter>" release it is paired with.
 """
 
 from __future__ import annotations
@@ -79,8 +81,37 @@ def specs(distro: str) -> list[dict]:
                         "depends": [fill(d) for d in spec.get("depends", [])],
                         "unit": spec.get("unit"),
                         "keyring": False,
+                        "files": {},
                     }
                 )
+    dcgm = data["dcgm"]
+    for version in dcgm["versions"]:
+        for name, spec in dcgm["packages"].items():
+            out.append(
+                {
+                    "name": name,
+                    "version": version,
+                    "driver": None,
+                    "depends": [d.replace("{V}", version) for d in spec.get("depends", [])],
+                    "unit": None,
+                    "keyring": False,
+                    "files": spec.get("files", {}),
+                }
+            )
+    exporter = dcgm["exporter"]
+    for version, paired in exporter["versions"].items():
+        out.append(
+            {
+                "name": exporter["name"],
+                "version": version,
+                "driver": None,
+                "depends": exporter["depends"],
+                "unit": None,
+                "keyring": False,
+                "files": exporter["files"],
+                "build_version": f"{paired}-{upstream(version)}",
+            }
+        )
     for name, spec in data["others"].items():
         for version in spec["versions"]:
             out.append(
@@ -91,6 +122,7 @@ def specs(distro: str) -> list[dict]:
                     "depends": [],
                     "unit": None,
                     "keyring": bool(spec.get("keyring")),
+                    "files": {},
                 }
             )
     return out
@@ -116,7 +148,8 @@ def signing_key(pool: Path) -> Path:
 
 
 def build_one(spec: dict, pool: Path, distro: str, pubkey: Path) -> Path:
-    deb = pool / f"{spec['name']}_{spec['version']}_all.deb"
+    # As Debian names files: without the version's epoch.
+    deb = pool / f"{spec['name']}_{spec['version'].split(':', 1)[-1]}_all.deb"
     if deb.exists():
         return deb
     with tempfile.TemporaryDirectory(prefix="equivs-") as tmp:
@@ -137,6 +170,12 @@ def build_one(spec: dict, pool: Path, distro: str, pubkey: Path) -> Path:
             unit = work / f"{spec['unit']}.service"
             unit.write_text(UNIT.format(name=spec["unit"]))
             files.append(f"{unit.name} /lib/systemd/system/")
+        for source, dest in spec["files"].items():
+            staged = work / Path(source).name
+            text = (HERE / source).read_text().replace("@BUILD_VERSION@", spec.get("build_version", ""))
+            staged.write_text(text)
+            staged.chmod((HERE / source).stat().st_mode & 0o777)
+            files.append(f"{staged.name} {dest}")
         if spec["keyring"]:
             shutil.copy(pubkey, work / "cuda-archive-keyring.gpg")
             listing = work / f"cuda-{distro}-x86_64.list"
@@ -153,7 +192,9 @@ def build_one(spec: dict, pool: Path, distro: str, pubkey: Path) -> Path:
             lines.append("Files: " + "\n ".join(files))
         lines += [
             f"Description: stand-in for {spec['name']} (sdnode tests)",
-            " Empty package under the real name, for the nvidia_driver role's integration test.",
+            " Stand-in scripts under the real names (no GPU, no DCGM), for sd_monitor's DCGM test."
+            if spec["files"]
+            else " Empty package under the real name, for the nvidia_driver role's integration test.",
         ]
         (work / "control").write_text("\n".join(lines) + "\n")
         run(["equivs-build", "control"], cwd=work)
@@ -165,8 +206,9 @@ def build_one(spec: dict, pool: Path, distro: str, pubkey: Path) -> Path:
 def build_pool(pool: Path, distro: str) -> list[dict]:
     ensure_tools()
     pool.mkdir(parents=True, exist_ok=True)
+    contents = b"".join(f.read_bytes() for f in sorted((HERE / "dcgm").iterdir()))
     stamp = hashlib.sha256(
-        DEFINITIONS.read_bytes() + Path(__file__).read_bytes() + distro.encode()
+        DEFINITIONS.read_bytes() + Path(__file__).read_bytes() + contents + distro.encode()
     ).hexdigest()
     marker = pool / "definitions.sha256"
     if not marker.exists() or marker.read_text() != stamp:
