@@ -6,7 +6,8 @@
 (testinfra matches a host pattern with fnmatch against group and host names, so Ansible's
 `sdnodes:sdgateways:sdmonitor` matches nothing.) Which checks apply follows the inventory: the
 exporter checks run on every host of an inventory that has sdmonitor hosts (the monitor playbook puts
-node_exporter everywhere then), the monitor checks on the hosts of sdmonitor. The HTTP checks of
+node_exporter everywhere then), DCGM's on its sdnodes declared nvidia (there they fail, never skip:
+the last one needs the GPUs), the monitor checks on the hosts of sdmonitor. The HTTP checks of
 Prometheus run from here, the controller, the way an operator reaches it: its address, basic auth
 with the controller's password file.
 """
@@ -17,6 +18,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -89,6 +91,78 @@ def test_node_exporter_serves_metrics(host, node_vars, monitored) -> None:
     port = fact(node_vars, "sdnode_node_exporter_port", "sdnode")
     out = host.check_output(f"curl -sf http://{hostport(address_of(node_vars), port)}/metrics")
     assert "node_exporter_build_info" in out
+
+
+# --- DCGM's exporter (sdnodes declared nvidia) -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dcgm(node_vars, monitored) -> None:
+    """Selects the DCGM checks by declaration, as the monitor's "dcgm" targets: sdnodes declared nvidia.
+    On such a node (in an inventory with a monitor) none of them skips."""
+    if "sdnodes" not in node_vars.get("group_names", []) or node_vars.get("sdnode_accelerator") != "nvidia":
+        pytest.skip("not an sdnode declared nvidia: no DCGM exporter expected")
+
+
+def upstream(version: str) -> str:
+    """Package version 1:4.5.3-1 -> 4.5.3."""
+    return version.split(":", 1)[-1].rsplit("-", 1)[0]
+
+
+def test_dcgm_packages_are_the_pinned_pair_and_held(host, node_vars, dcgm) -> None:
+    cuda = fact(node_vars, "sd_monitor_dcgm_cuda_major")
+    dcgm_version = fact(node_vars, "sd_monitor_dcgm_version")
+    wanted = {
+        "datacenter-gpu-manager-4-core": dcgm_version,
+        f"datacenter-gpu-manager-4-cuda{cuda}": dcgm_version,
+        "datacenter-gpu-manager-exporter": fact(node_vars, "sd_monitor_dcgm_exporter_version"),
+    }
+    packages = {name: host.package(name) for name in wanted}
+    installed = {name: pkg.version if pkg.is_installed else None for name, pkg in packages.items()}
+    assert installed == wanted
+    if fact(node_vars, "sd_monitor_dcgm_hold"):
+        held = set(host.check_output("apt-mark showhold").split())
+        assert set(wanted) <= held, held
+
+
+def test_dcgm_exporter_binary_is_paired_with_the_installed_dcgm(host, node_vars, dcgm) -> None:
+    pair = f"{upstream(fact(node_vars, 'sd_monitor_dcgm_version'))}-" + upstream(
+        fact(node_vars, "sd_monitor_dcgm_exporter_version")
+    )
+    assert pair in host.check_output("dcgm-exporter --version")
+
+
+@pytest.mark.parametrize("unit", ["nvidia-dcgm", "nvidia-dcgm-exporter"])
+def test_dcgm_units_run_and_start_at_boot(host, dcgm, unit: str) -> None:
+    service = host.service(unit)
+    assert service.is_running and service.is_enabled
+
+
+def test_dcgm_exporter_listens_on_the_host_address_only(host, node_vars, dcgm) -> None:
+    port = fact(node_vars, "sdnode_dcgm_exporter_port", "sdnode")
+    assert host.socket(f"tcp://{address_of(node_vars)}:{port}").is_listening
+    for other in ("0.0.0.0", "::", "127.0.0.1"):
+        assert not host.socket(f"tcp://{other}:{port}").is_listening, f"{other}:{port}"
+
+
+def test_dcgm_exporter_reports_every_gpu_with_what_the_rules_read(host, node_vars, dcgm) -> None:
+    """The GPU-only proof: nv-hostengine reads the GPUs through NVML and the exporter serves, for every
+    GPU nvidia-smi lists (by UUID), each DCGM metric the rules use."""
+    smi = host.run("nvidia-smi --query-gpu=uuid --format=csv,noheader")
+    assert smi.rc == 0, f"nvidia-smi failed on a node declared nvidia: {smi.stderr or smi.stdout}"
+    uuids = {line.strip() for line in smi.stdout.splitlines() if line.strip()}
+    assert uuids, "nvidia-smi lists no GPU"
+    port = fact(node_vars, "sdnode_dcgm_exporter_port", "sdnode")
+    metrics = host.check_output(f"curl -sf http://{hostport(address_of(node_vars), port)}/metrics")
+    wanted = {
+        name
+        for path in RULES.glob("*.yml")
+        for name in re.findall(r"\b(DCGM_FI_[A-Z0-9_]+)\{job=\"dcgm\"", path.read_text())
+    }
+    assert wanted
+    for name in sorted(wanted):
+        seen = set(re.findall(rf'^{name}{{[^}}]*UUID="([^"]+)"', metrics, re.M))
+        assert seen == uuids, (name, seen, uuids)
 
 
 # --- The monitor: files and services on the host -----------------------------------------------------
