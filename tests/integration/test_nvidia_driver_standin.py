@@ -4,6 +4,13 @@ Repository setup (current cuda-keyring, diverted vendor sources list, Signed-By)
 unattended-upgrades blacklist, nouveau blacklist, fabric manager version match, the explicit upgrade
 path and idempotence all run for real; `nvidia_driver_hardware_checks: false` skips only lspci, Secure
 Boot, kernel headers, the loaded-module check, reboot and nvidia-smi (proved by tests/node on GPU nodes).
+
+Then, on the same node, sd_monitor's exporters entry point installs DCGM and its exporter from the same
+stand-in repository (packages.yml `dcgm`): exact versions over a newer published pair, the exporter's
+pairing checked through its `--version`, holds, the packaged unit with the role's drop-in, the listen
+address, check mode and idempotence run for real. The stand-in exporter serves fixed values for a fake
+GPU; real telemetry (NVML, nv-hostengine reading GPUs, the exporter through it) needs a GPU node
+(tests/node/test_monitor.py there).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import yaml
 from sdnode.state import cache_dir
 
 from .conftest import STATE, ansible_playbook, assert_converged, assert_idempotent
@@ -28,6 +36,8 @@ pytestmark = pytest.mark.integration
 NODE = "drv2"
 BRIDGE = "10.213.0.1"  # the host's address on the test-node bridge; the repository is served there only
 PLAYBOOK = str(Path(__file__).parent / "standin" / "driver.yml")
+DCGM_PLAYBOOK = str(Path(__file__).parent / "standin" / "dcgm.yml")
+RULES = Path(__file__).resolve().parents[2] / "roles" / "sd_monitor" / "files" / "prometheus" / "rules"
 V1, V2, OTHER_BRANCH = "570.100.01", "570.200.02", "580.50.01"
 # Everything the Debian package set installs; all of it must end up held at one version.
 DRIVER_PACKAGES = [
@@ -40,6 +50,16 @@ DRIVER_PACKAGES = [
     "libcuda1",
     "nvidia-fabricmanager-570",
 ]
+
+
+# sd_monitor's defaults; the repository also offers DCGM 1:4.7.0-1 and exporter 4.9.0-1 (paired with it).
+DCGM_VERSION, DCGM_EXPORTER_VERSION = "1:4.5.3-1", "4.8.2-1"
+DCGM_PACKAGES = {
+    "datacenter-gpu-manager-4-core": DCGM_VERSION,
+    "datacenter-gpu-manager-4-cuda13": DCGM_VERSION,
+    "datacenter-gpu-manager-exporter": DCGM_EXPORTER_VERSION,
+}
+DCGM_PORT = 9400
 
 
 class _QuietHandler(SimpleHTTPRequestHandler):
@@ -63,6 +83,17 @@ class StandinNode:
     def versions(self) -> dict[str, str]:
         out = self.sh("dpkg-query -W -f='${Package} ${Version}\\n' " + " ".join(DRIVER_PACKAGES))
         return dict(line.split() for line in out.splitlines() if line.strip())
+
+    def installed(self, packages: list[str]) -> dict[str, str]:
+        out = self.testnodes.ssh(
+            NODE, "dpkg-query -W -f='${Package} ${Version}\\n' " + " ".join(packages), check=False
+        ).stdout
+        return dict(line.split() for line in out.splitlines() if len(line.split()) == 2)
+
+    def address(self) -> str:
+        """The node's address in the inventory: where its exporters must listen."""
+        hosts = yaml.safe_load((self.inventory / "hosts.yml").read_text())
+        return hosts["all"]["children"]["sdnodes"]["hosts"][NODE]["ansible_host"]
 
     def held(self) -> set[str]:
         return set(self.sh("apt-mark showhold").split())
@@ -197,3 +228,86 @@ def test_upgrade_path_moves_everything_and_holds_again(converged: StandinNode) -
     assert set(DRIVER_PACKAGES) <= converged.held()
     assert_idempotent(run(converged, "standin-upgrade-idempotence", extra_vars=upgrade))
     assert_idempotent(run(converged, "standin-check", check=True, diff=True))
+
+
+# --- sd_monitor's exporters entry point: DCGM's exporter (after the driver, on the same node) -----------
+
+
+@pytest.fixture(scope="module")
+def dcgm(converged: StandinNode) -> StandinNode:
+    """Dry run on a node without DCGM, converge, idempotence, then a dry run on the converged node."""
+    assert converged.installed(list(DCGM_PACKAGES)) == {}, "DCGM is already on the node"
+    dry = ansible_playbook(DCGM_PLAYBOOK, converged.inventory, label="standin-dcgm-check-fresh", check=True)
+    assert_converged(dry)
+    assert converged.installed(list(DCGM_PACKAGES)) == {}, "the dry run installed something"
+    first = ansible_playbook(DCGM_PLAYBOOK, converged.inventory, label="standin-dcgm-converge")
+    assert_converged(first)
+    assert "TASK [sd_monitor : DCGM | Install DCGM and its exporter" in first.output, first.explain()
+    assert_idempotent(ansible_playbook(DCGM_PLAYBOOK, converged.inventory, label="standin-dcgm-idempotence"))
+    assert_idempotent(
+        ansible_playbook(
+            DCGM_PLAYBOOK, converged.inventory, label="standin-dcgm-check", check=True, diff=True
+        )
+    )
+    return converged
+
+
+def test_dcgm_installs_one_paired_version_and_holds_it(dcgm: StandinNode) -> None:
+    assert dcgm.installed(list(DCGM_PACKAGES)) == DCGM_PACKAGES
+    assert set(DCGM_PACKAGES) <= dcgm.held(), dcgm.held()
+    # The newer pair is in the repository; the exact versions and the holds keep it out.
+    policy = dcgm.sh("apt-cache policy " + " ".join(DCGM_PACKAGES))
+    assert "1:4.7.0-1" in policy and "4.9.0-1" in policy, policy
+    simulated = dcgm.sh("apt-get -s dist-upgrade")
+    assert not re.search(r"^Inst datacenter-gpu-manager", simulated, re.M), simulated
+    assert dcgm.sh("dcgm-exporter --version").strip() == "DCGM Exporter version 4.5.3-4.8.2"
+
+
+@pytest.mark.parametrize("unit", ["nvidia-dcgm", "nvidia-dcgm-exporter"])
+def test_dcgm_units_are_enabled_and_running(dcgm: StandinNode, unit: str) -> None:
+    state = dcgm.sh(f"systemctl is-enabled {unit}; systemctl is-active {unit}").split()
+    assert state == ["enabled", "active"], (unit, state)
+
+
+def test_dcgm_exporter_listens_on_the_node_address_only(dcgm: StandinNode) -> None:
+    listening = dcgm.sh(f"ss -ltnH 'sport = :{DCGM_PORT}'").split("\n")
+    local = sorted(line.split()[3] for line in listening if line.strip())
+    assert local == [f"{dcgm.address()}:{DCGM_PORT}"], local
+    unit = dcgm.sh("systemctl cat nvidia-dcgm-exporter")
+    assert "-r localhost:5555" in unit, unit  # through the nvidia-dcgm host engine
+
+
+def test_dcgm_exporter_serves_what_the_rules_read(dcgm: StandinNode) -> None:
+    wanted = set()
+    for path in RULES.glob("*.yml"):
+        wanted |= set(re.findall(r"\b(DCGM_FI_[A-Z0-9_]+)\{job=\"dcgm\"", path.read_text()))
+    assert wanted, "the rules read no DCGM metric"
+    metrics = dcgm.sh(f"curl -sf http://{dcgm.address()}:{DCGM_PORT}/metrics")
+    served = set(re.findall(r"^(DCGM_FI_[A-Z0-9_]+)\{", metrics, re.M))
+    assert wanted <= served, wanted - served
+
+
+def test_dcgm_version_change_moves_the_held_packages_and_holds_them_again(dcgm: StandinNode) -> None:
+    """Changing the version variables is the upgrade path. A mismatched pair fails the run at the pairing
+    check, before the role's drop-in and restarts (the packages' versions cannot tell; the binary can)."""
+    mismatched = ansible_playbook(
+        DCGM_PLAYBOOK,
+        dcgm.inventory,
+        label="standin-dcgm-mismatch",
+        extra_vars={"sd_monitor_dcgm_exporter_version": "4.9.0-1"},
+    )
+    assert mismatched.rc != 0, mismatched.explain()
+    assert "is not the release paired with DCGM" in mismatched.output, mismatched.explain()
+    assert "TASK [sd_monitor : DCGM | Exporter's command line" not in mismatched.output, mismatched.explain()
+    paired = {"sd_monitor_dcgm_version": "1:4.7.0-1", "sd_monitor_dcgm_exporter_version": "4.9.0-1"}
+    upgrade = ansible_playbook(DCGM_PLAYBOOK, dcgm.inventory, label="standin-dcgm-upgrade", extra_vars=paired)
+    assert_converged(upgrade)
+    assert dcgm.installed(list(DCGM_PACKAGES)) == {
+        "datacenter-gpu-manager-4-core": "1:4.7.0-1",
+        "datacenter-gpu-manager-4-cuda13": "1:4.7.0-1",
+        "datacenter-gpu-manager-exporter": "4.9.0-1",
+    }
+    assert set(DCGM_PACKAGES) <= dcgm.held(), dcgm.held()
+    # Back to the defaults (a downgrade through the same path), as the other tests expect.
+    assert_converged(ansible_playbook(DCGM_PLAYBOOK, dcgm.inventory, label="standin-dcgm-back"))
+    assert dcgm.installed(list(DCGM_PACKAGES)) == DCGM_PACKAGES
