@@ -112,3 +112,41 @@ def test_the_example_inventory_takes_the_fleet_key_from_the_state_dir(tmp_path: 
     assert "sdnode_fleet_key ~ '.pub'" in key and "playbook_dir" not in key
     defaults = yaml.safe_load((ROOT / "roles" / "sdnode" / "defaults" / "main.yml").read_text())
     assert defaults["sdnode_fleet_key"] == "{{ sdnode_state_dir }}/keys/sdnode_ed25519"
+
+
+def validate_fleet(tmp_path: Path, gateway_vars: dict) -> subprocess.CompletedProcess:
+    """validate.yml on a node behind one gateway-and-monitor host."""
+    inventory = tmp_path / "hosts.yml"
+    hosts = {
+        "all": {
+            "children": {
+                "sdnodes": {"hosts": {"node1": GOOD}},
+                "sdgateways": {"hosts": {"gw1": gateway_vars}},
+                "sdmonitor": {"hosts": {"gw1": None}},
+            }
+        }
+    }
+    inventory.write_text(yaml.safe_dump(hosts))
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), PATH=f"{bin_dir}:{os.environ['PATH']}")
+    return subprocess.run(
+        [str(bin_dir / "ansible-playbook"), "-i", str(inventory), str(ROOT / "playbooks" / "validate.yml")],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("gateway", "named"),
+    [
+        ({"ansible_host": "gw1.example.com"}, "gw1.example.com"),  # the nodes' firewalls need an address
+        ({"ansible_host": "192.0.2.9", "sd_gateway_tls_certificate": "PEM"}, "sd_gateway_tls_private_key"),
+        ({"ansible_host": "192.0.2.9", "sd_gateway_queue_timeout": 0}, "sd_gateway_queue_timeout"),
+    ],
+    ids=["gateway-by-name", "certificate-without-key", "queue-timeout-0"],
+)
+def test_a_bad_fleet_fails_before_any_change_naming_it(tmp_path: Path, gateway: dict, named: str) -> None:
+    assert validate_fleet(tmp_path, {"ansible_host": "192.0.2.9"}).returncode == 0  # the good fleet
+    proc = validate_fleet(tmp_path, gateway)
+    assert proc.returncode != 0, f"validate.yml accepted the gateway {gateway}"
+    failure = "\n".join(line for line in proc.stdout.splitlines() if "fatal:" in line or "failed:" in line)
+    assert named in failure, proc.stdout[-3000:]
