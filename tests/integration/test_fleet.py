@@ -4,7 +4,8 @@ nodes and one gateway-plus-monitor host.
 - `make demo-fleet` builds it; a second run changes nothing; endpoints.json's URLs answer from here,
   through the real `openai` client over the gateway's TLS.
 - Keys are checked on the nodes behind the gateway; the nodes admit their service ports from the
-  gateway and the monitor only; past the queue timeout the gateway answers 503 with Retry-After.
+  gateway and the monitor only; past the queue timeout the gateway answers 503 with Retry-After; async
+  jobs are followed on their instance; a gateway reload under load refuses nothing.
 - Under continuous load (sdnode.loadgen: bounded, no pause, to the test nodes only):
   (a) a rolling deploy that restarts every instance fails no request, nor does a reboot in provision;
   (b) `sdnode drain`/`undrain` move the traffic and fail nothing;
@@ -301,6 +302,25 @@ def test_a_killed_instance_costs_only_its_requests_in_flight(fleet: Fleet, testn
     # Out of rotation within its check window (lastchg counts whole seconds, hence the 1 s), and back.
     assert out - before_kill <= CHECK_WINDOW_S + 1, out - before_kill
     assert any(s.server == victim and s.ok for s in load.samples if s.started > back), summary.line()
+
+
+def test_a_gateway_reload_under_load_drops_nothing(fleet: Fleet) -> None:
+    """A configuration change reloads HAProxy (new workers on the same sockets); nothing is refused."""
+    load = fleet.load(clients=4, max_requests=20000, max_seconds=300).start()
+    try:
+        time.sleep(2)
+        for timeout in (31, 30):  # a change, then back: two reloads
+            run = ansible_playbook(
+                "gateway.yml", fleet.inventory, extra_vars={"sd_gateway_queue_timeout": timeout},
+                label=f"fleet-gateway-reload-{timeout}",
+            )  # fmt: skip
+            assert_converged(run)
+            assert "RUNNING HANDLER [sd_gateway : Gateway | Reload HAProxy]" in run.output, run.explain()
+        time.sleep(2)
+    finally:
+        summary = load.stop()
+    record("gateway_reloads_under_load", summary_figures(summary))
+    assert summary.failed == 0, summary.failures[:10]
 
 
 def test_requests_past_the_queue_timeout_get_503_with_retry_after(fleet: Fleet) -> None:
