@@ -52,7 +52,10 @@ def set_up_seconds() -> float | None:
 
 def phases_after_setup() -> Phases:
     """The phases of a demo, opened with the set-up make's prerequisites took (when run from make)."""
-    phases = phases_after_setup()
+    phases = Phases()
+    setup = set_up_seconds()
+    if setup is not None:
+        phases.timings.append(("set-up: controller venv and host packages (make setup, host-setup)", setup))
     return phases
 
 
