@@ -300,7 +300,8 @@ def test_a_killed_instance_costs_only_its_requests_in_flight(fleet: Fleet, testn
     # Only what was in flight on it when it died: in flight at the kill, no more than it runs at once, and
     # where the gateway answered, answered on its behalf. (A request on a reused server connection gets
     # no answer: HAProxy closes the client's connection instead, so that the client may retry it.)
-    assert all(s.started <= killed and s.ended >= before_kill for s in failures), summary.failures
+    # (Within a second of the kill command's return: connections that reached it as its sockets died.)
+    assert all(s.started <= killed + 1.0 and s.ended >= before_kill for s in failures), summary.failures
     assert {s.server for s in failures} <= {victim, ""}, summary.failures[:10]
     # Its maxconn (MAX_BATCH, 8), and one more: a run saw 9, all in flight at the kill (a request being
     # handed to it on a reused connection as a slot freed).
