@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 
+from sdnode.day2.service import generated_key_path
 from sdnode.demo import phases_after_setup, run
 from sdnode.localinv import build_inventory, venv_tool
 from sdnode.state import find_repo_root, state_dir
@@ -33,7 +34,7 @@ def endpoints(state: Path, inventory: Path, gateway_address: str) -> dict[str, s
     """What a client of the fleet needs, all answering from this controller."""
     return {
         "gateway_url": f"https://{gateway_address}",
-        "api_key_file": str(state / "api-keys" / "fleet.default.key"),
+        "api_key_file": str(generated_key_path(state, NODES[0], {}, fleet=True)),
         "ca_file": str(state / "gateway-tls" / "ca.crt"),
         "prometheus_url": f"http://{gateway_address}:{PROMETHEUS_PORT}",
         "prometheus_basic_auth_file": str(state / "monitor" / "prometheus.basic-auth"),

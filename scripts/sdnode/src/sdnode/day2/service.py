@@ -30,6 +30,7 @@ def generated_key_path(state: Path, host: str, hostvars: Mapping[str, Any], flee
     )
     if not isinstance(names, list) or not names or not isinstance(names[0], str):
         raise Day2Error(f"host {host}: sd_service_generated_keys must be a list of key names, got {names!r}")
+    # sdnode_api_keys_dir (roles/sdnode/defaults/main.yml), where sd_service writes them.
     return state / "api-keys" / f"{'fleet' if fleet else host}.{names[0]}.key"
 
 
