@@ -258,6 +258,22 @@ def test_reboots_in_provision_under_load_fail_no_request(fleet: Fleet, testnodes
 
 def test_drain_and_undrain_move_the_traffic_and_fail_nothing(fleet: Fleet, testnodes: TestNodes) -> None:
     """An operator's drain holds, through a reload and a restart of the gateway, until undrain."""
+    try:
+        drain_reload_undrain_under_load(fleet, testnodes)
+        # A restart (not under load: it drops connections) keeps the state set since the reload,
+        # whichever it is: saved at stop, loaded, then the file is gone (the reload's save says DRAIN).
+        for wanted in ("undrain", "drain"):
+            assert sdnode(wanted, NODES[0], "-i", str(fleet.inventory)).returncode == 0
+            testnodes.ssh(GATEWAY, "systemctl restart haproxy")
+            state = wait_for(lambda: server_states(fleet.inventory)[f"{NODES[0]}_0"], 30, "the gateway back")
+            assert state == ("DRAIN" if wanted == "drain" else "UP"), (wanted, state)
+            gone = testnodes.ssh(GATEWAY, "test ! -e /var/lib/haproxy/server-state", check=False)
+            assert gone.returncode == 0, "the loaded server states are still there"
+    finally:
+        sdnode("undrain", NODES[0], "-i", str(fleet.inventory))  # drains outlive a failed test now
+
+
+def drain_reload_undrain_under_load(fleet: Fleet, testnodes: TestNodes) -> None:
     inv, drained_server = str(fleet.inventory), f"{NODES[0]}_0"
     load = fleet.load(clients=4, max_requests=20000, max_seconds=300).start()
     try:
@@ -281,12 +297,6 @@ def test_drain_and_undrain_move_the_traffic_and_fail_nothing(fleet: Fleet, testn
     while_out = [s for s in load.samples if s.started > after_drain and s.ended < undraining]
     assert while_out and all(s.server == f"{NODES[1]}_0" for s in while_out), {s.server for s in while_out}
     assert any(s.server == drained_server for s in load.samples if s.started > back + 1)
-    # A restart (not under load: it drops connections) keeps it too, and the undrain after it as well.
-    for wanted in ("drain", "undrain"):
-        assert sdnode(wanted, NODES[0], "-i", inv).returncode == 0
-        testnodes.ssh(GATEWAY, "systemctl restart haproxy")
-        state = wait_for(lambda: server_states(fleet.inventory)[drained_server], 30, "the gateway back")
-        assert state == ("DRAIN" if wanted == "drain" else "UP"), (wanted, state)
 
 
 def test_a_killed_instance_costs_only_its_requests_in_flight(fleet: Fleet, testnodes: TestNodes) -> None:
@@ -296,6 +306,7 @@ def test_a_killed_instance_costs_only_its_requests_in_flight(fleet: Fleet, testn
     load = fleet.load(clients=20, max_requests=20000, max_seconds=300).start()
     try:
         time.sleep(3)
+        held_before = int(server_stat(testnodes, victim)["smax"])
         before_kill = time.monotonic()
         testnodes.ssh(NODES[1], "systemctl kill --kill-whom=main --signal=SIGKILL sdserve@0.service")
         killed = time.monotonic()
@@ -320,6 +331,7 @@ def test_a_killed_instance_costs_only_its_requests_in_flight(fleet: Fleet, testn
             "out_of_rotation_after_s": round(out - killed, 2),
             "back_after_s": round(back - killed, 1),
             "failures_died_within_s": round(max(ends) - min(ends), 3),
+            "gateway_smax_before_kill": held_before,
             "gateway_smax": held,
         },
     )  # fmt: skip
@@ -335,7 +347,8 @@ def test_a_killed_instance_costs_only_its_requests_in_flight(fleet: Fleet, testn
     # Where the gateway answered, it answered on its behalf. A request on a kept-alive client
     # connection gets no answer (HAProxy closes it so that the client may retry), hence "".
     assert {s.server for s in failures} <= {victim, ""}, summary.failures[:10]
-    # And no more than the gateway had on it.
+    # And no more than the gateway had on it at most. A loose bound (the sessions that fail count in
+    # it): the timing above is what catches requests sent to it after it died.
     assert len(failures) <= held, (len(failures), held)
     # Out of rotation within its check window (lastchg counts whole seconds, hence the 1 s), and back.
     assert out - before_kill <= CHECK_WINDOW_S + 1, out - before_kill

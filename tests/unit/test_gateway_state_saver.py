@@ -7,6 +7,8 @@ import socketserver
 import threading
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("saver", ROOT / "roles/sd_gateway/files/haproxy_save_state.py")
 saver = importlib.util.module_from_spec(spec)
@@ -98,3 +100,13 @@ def test_saves_from_the_admin_socket_and_replaces_the_file_whole(tmp_path):
     assert asked == ["show servers state\n"]
     assert [f[3] for f in lines(state.read_text())] == ["fleet1_0", "fleet2_0"]
     assert not (tmp_path / "server-state.new").exists()
+
+
+def test_a_failed_save_leaves_no_older_states(tmp_path):
+    # An older save may re-drain a server undrained since, with ports checked against an older config.
+    state = tmp_path / "server-state"
+    state.write_text("1\n3 sdserve 1 fleet1_0 10.213.0.11 2 8 1 1 40 15 3 3 6 22 0 0 - 7860 -\n")
+    (tmp_path / "haproxy.cfg").write_text(CONFIG)
+    with pytest.raises(OSError):
+        saver.main(str(tmp_path / "no.sock"), str(tmp_path / "haproxy.cfg"), str(state))
+    assert not state.exists()

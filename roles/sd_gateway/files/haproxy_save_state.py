@@ -59,10 +59,19 @@ def dump_states(admin_socket: str) -> str:
 
 
 def main(admin_socket: str, config: str, state_file: str) -> None:
-    text = kept(dump_states(admin_socket), configured(Path(config).read_text()))
+    try:
+        text = kept(dump_states(admin_socket), configured(Path(config).read_text()))
+    except Exception:
+        # No states rather than an older save's: those may undo a later undrain, and were checked
+        # against an older configuration.
+        Path(state_file).unlink(missing_ok=True)
+        raise
     # Never a half-written file: HAProxy drops a whole file with one bad line.
     tmp = Path(f"{state_file}.new")
-    tmp.write_text(text)
+    with tmp.open("w") as out:
+        out.write(text)
+        out.flush()
+        os.fsync(out.fileno())
     os.replace(tmp, state_file)
 
 
